@@ -1,0 +1,137 @@
+"""Celery settings chosen from the broker URL.
+
+Plain functions without Django imports, so the broker-specific choices can be
+unit tested; ``settings.py`` turns the result into ``CELERY_*`` settings.
+"""
+
+import ssl
+from urllib.parse import urlsplit
+
+from kombu import Exchange, Queue
+
+REDIS_SCHEMES = {"redis", "rediss"}
+RABBITMQ_SCHEMES = {"amqp", "amqps", "pyamqp"}
+
+DEFAULT_QUEUE = "celery"
+QUEUE_NAMES = (DEFAULT_QUEUE, "email", "analytics", "priority")
+TASK_ROUTES = {
+    "users.tasks.send_welcome_email": {"queue": "email"},
+    "analytics.tasks.track_event": {"queue": "analytics"},
+    "analytics.tasks.priority_demo": {"queue": "priority"},
+}
+
+# Seconds. No task may run longer than TASK_TIME_LIMIT, and no ETA/countdown is
+# further away than MAX_COUNTDOWN (the retry backoff cap of send_welcome_email).
+TASK_TIME_LIMIT = 300
+MAX_COUNTDOWN = 600
+VISIBILITY_TIMEOUT = 3600
+
+# Priorities 0-9. RabbitMQ delivers 9 first; Redis delivers 0 first.
+MAX_PRIORITY = 9
+DEFAULT_PRIORITY = 5
+
+# Fanout, so messages arrive whatever routing key they are dead-lettered with,
+# including when a server policy sets only the dead-letter exchange.
+DEAD_LETTER_EXCHANGE = Exchange("celery.dlx", type="fanout")
+DEAD_LETTER_QUEUE = Queue("dead_letter", DEAD_LETTER_EXCHANGE)
+
+
+def broker_name(url):
+    """Return ``"redis"`` or ``"rabbitmq"`` for a broker URL."""
+    scheme = urlsplit(url).scheme
+    if scheme in REDIS_SCHEMES:
+        return "redis"
+    if scheme in RABBITMQ_SCHEMES:
+        return "rabbitmq"
+    raise ValueError(f"Unsupported broker URL scheme {scheme!r}: use redis(s):// or amqp(s)://")
+
+
+def build_celery_config(broker_url, result_backend=None, quorum_queues=False):
+    """Return Celery settings (lower-case names) suited to the broker in ``broker_url``."""
+    config = {
+        "broker_url": broker_url,
+        "result_backend": result_backend,
+        # Ack after the task finishes and requeue it if the worker process dies,
+        # so a crash never loses a task (tasks are idempotent).
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # With late acks, reserve one message per process so a slow worker doesn't sit on others' messages.
+        "worker_prefetch_multiplier": 1,
+        # Late-ack tasks are redelivered when the connection drops; stop the running copy so it doesn't run twice.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Keep retrying when the broker is not up yet as a worker starts (the default changes in Celery 6).
+        "broker_connection_retry_on_startup": True,
+        # Bound every task so the redelivery timeouts below hold.
+        "task_time_limit": TASK_TIME_LIMIT,
+        # Events let Flower show tasks as they are sent, started and finished.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_default_queue": DEFAULT_QUEUE,
+        "task_routes": TASK_ROUTES,
+    }
+    if broker_name(broker_url) == "redis":
+        if quorum_queues:
+            raise ValueError("Quorum queues are a RabbitMQ feature; turn CELERY_QUORUM_QUEUES off for Redis.")
+        config.update(_redis_config(broker_url))
+    else:
+        config.update(_rabbitmq_config(quorum_queues))
+    return config
+
+
+def _queues(queue_arguments=None):
+    # Topic exchanges because Celery's native delayed delivery (ETA/countdown on
+    # quorum queues) cannot route through direct exchanges.
+    return [
+        Queue(name, Exchange(name, type="topic"), routing_key=name, queue_arguments=queue_arguments)
+        for name in QUEUE_NAMES
+    ]
+
+
+def _redis_config(broker_url):
+    config = {
+        "broker_transport_options": {
+            # Redis has no acks: a message not acked within this many seconds is delivered
+            # again, so it must exceed the longest task and the furthest ETA/countdown.
+            "visibility_timeout": VISIBILITY_TIMEOUT,
+            # Redis has no native priorities: kombu keeps one list per step (0 is served first).
+            "priority_steps": list(range(MAX_PRIORITY + 1)),
+            # Drain higher-priority lists before lower ones instead of round-robin.
+            "queue_order_strategy": "priority",
+        },
+        # The Redis result backend reads the same timeout.
+        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
+        # Unprioritised messages would land on step 0 (highest); put them in the middle instead.
+        "task_default_priority": DEFAULT_PRIORITY,
+        "task_queues": _queues(),
+    }
+    if urlsplit(broker_url).scheme == "rediss":
+        # Verify the server certificate; kombu otherwise falls back to CERT_NONE for rediss://.
+        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    return config
+
+
+def _rabbitmq_config(quorum_queues):
+    queue_arguments = {
+        # Messages that are rejected, expire or exceed a delivery limit go to celery.dlx -> dead_letter.
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name,
+    }
+    config = {
+        # Wait for RabbitMQ to confirm each publish, so a message is never silently lost.
+        "broker_transport_options": {"confirm_publish": True},
+        # Notice dead TCP connections within a minute (two missed heartbeats) instead of hanging.
+        "broker_heartbeat": 30,
+        # Reject instead of ack tasks that finally fail, so RabbitMQ dead-letters them.
+        "task_acks_on_failure_or_timeout": False,
+    }
+    if quorum_queues:
+        # Replicated, durable queues. They reject x-max-priority, so this mode has no priorities.
+        queue_arguments["x-queue-type"] = "quorum"
+        # Queues Celery declares on the fly (e.g. worker -Q other) are quorum too.
+        config["task_default_queue_type"] = "quorum"
+    else:
+        # Classic queues need x-max-priority to honour message priorities.
+        queue_arguments["x-max-priority"] = MAX_PRIORITY
+        # Unprioritised messages would be treated as 0 (lowest); put them in the middle instead.
+        config["task_default_priority"] = DEFAULT_PRIORITY
+    config["task_queues"] = _queues(queue_arguments)
+    return config

@@ -1,0 +1,141 @@
+import ssl
+from types import SimpleNamespace
+
+import pytest
+from kombu import Connection
+
+from myproject.celery import DeclareDeadLetterQueue, app
+from myproject.celery_config import (
+    DEAD_LETTER_QUEUE,
+    MAX_COUNTDOWN,
+    QUEUE_NAMES,
+    TASK_TIME_LIMIT,
+    VISIBILITY_TIMEOUT,
+    broker_name,
+    build_celery_config,
+)
+from users.tasks import send_welcome_email
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+RABBITMQ_URL = "amqp://app:secret@127.0.0.1:5672/app"
+
+
+def queue_arguments(config):
+    return {queue.name: queue.queue_arguments for queue in config["task_queues"]}
+
+
+@pytest.mark.parametrize(
+    ("url", "name"),
+    [
+        (REDIS_URL, "redis"),
+        ("rediss://:pw@redis.internal:6380/1", "redis"),
+        (RABBITMQ_URL, "rabbitmq"),
+        ("amqps://app:pw@rabbit.internal:5671/app", "rabbitmq"),
+    ],
+)
+def test_broker_name(url, name):
+    assert broker_name(url) == name
+
+
+def test_unknown_broker_scheme_is_rejected():
+    with pytest.raises(ValueError, match="sqs"):
+        build_celery_config("sqs://")
+
+
+@pytest.mark.parametrize("url", [REDIS_URL, RABBITMQ_URL])
+def test_common_reliability_settings(url):
+    config = build_celery_config(url, result_backend="redis://127.0.0.1:6379/1")
+    assert config["broker_url"] == url
+    assert config["result_backend"] == "redis://127.0.0.1:6379/1"
+    assert config["task_acks_late"] is True
+    assert config["task_reject_on_worker_lost"] is True
+    assert config["worker_prefetch_multiplier"] == 1
+    assert config["broker_connection_retry_on_startup"] is True
+    assert config["task_default_queue"] == "celery"
+    assert sorted(queue.name for queue in config["task_queues"]) == sorted(QUEUE_NAMES)
+
+
+def test_redis_settings():
+    config = build_celery_config(REDIS_URL)
+    transport = config["broker_transport_options"]
+    assert transport["visibility_timeout"] == VISIBILITY_TIMEOUT
+    assert config["result_backend_transport_options"]["visibility_timeout"] == VISIBILITY_TIMEOUT
+    assert transport["priority_steps"] == list(range(10))
+    assert transport["queue_order_strategy"] == "priority"
+    assert "confirm_publish" not in transport
+    assert "broker_heartbeat" not in config
+    assert "broker_use_ssl" not in config
+    assert set(queue_arguments(config).values()) == {None}
+
+
+def test_visibility_timeout_outlasts_tasks_and_countdowns():
+    assert VISIBILITY_TIMEOUT > TASK_TIME_LIMIT + MAX_COUNTDOWN
+    assert send_welcome_email.retry_backoff_max <= MAX_COUNTDOWN
+
+
+def test_rediss_verifies_certificates():
+    config = build_celery_config("rediss://:pw@redis.internal:6380/0")
+    assert config["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
+def test_rabbitmq_settings_classic_queues():
+    config = build_celery_config(RABBITMQ_URL)
+    assert config["broker_transport_options"] == {"confirm_publish": True}
+    assert config["broker_heartbeat"] > 0
+    assert config["task_acks_on_failure_or_timeout"] is False
+    assert config["task_default_priority"] == 5
+    assert "visibility_timeout" not in config["broker_transport_options"]
+    for arguments in queue_arguments(config).values():
+        assert arguments == {"x-dead-letter-exchange": "celery.dlx", "x-max-priority": 9}
+    assert "dead_letter" not in queue_arguments(config)  # workers must not consume dead letters
+
+
+def test_rabbitmq_quorum_queues_drop_priorities():
+    config = build_celery_config(RABBITMQ_URL, quorum_queues=True)
+    for arguments in queue_arguments(config).values():
+        assert arguments == {"x-dead-letter-exchange": "celery.dlx", "x-queue-type": "quorum"}
+    assert config["task_default_queue_type"] == "quorum"
+    assert "task_default_priority" not in config
+    # Native delayed delivery (ETA and retries on quorum queues) needs non-direct exchanges.
+    assert {queue.exchange.type for queue in config["task_queues"]} == {"topic"}
+
+
+def test_quorum_queues_are_rejected_for_redis():
+    with pytest.raises(ValueError, match="RabbitMQ"):
+        build_celery_config(REDIS_URL, quorum_queues=True)
+
+
+@pytest.mark.parametrize(
+    ("task_name", "queue"),
+    [
+        ("users.tasks.send_welcome_email", "email"),
+        ("analytics.tasks.track_event", "analytics"),
+        ("analytics.tasks.priority_demo", "priority"),
+        ("some.other.task", "celery"),
+    ],
+)
+def test_routing_maps_task_names_to_queues(task_name, queue):
+    assert app.amqp.router.route({}, task_name)["queue"].name == queue
+
+
+def test_routed_tasks_are_registered():
+    app.loader.import_default_modules()
+    assert {"users.tasks.send_welcome_email", "analytics.tasks.track_event", "analytics.tasks.priority_demo"} <= set(
+        app.tasks
+    )
+
+
+def test_dead_letter_step_only_runs_on_rabbitmq():
+    step = DeclareDeadLetterQueue(parent=None)
+    for url, included in [(RABBITMQ_URL, True), (REDIS_URL, False)]:
+        consumer = SimpleNamespace(app=SimpleNamespace(conf=SimpleNamespace(broker_url=url)))
+        assert step.include_if(consumer) is included
+
+
+def test_dead_letter_step_declares_exchange_and_queue():
+    with Connection("memory://") as connection:
+        DeclareDeadLetterQueue(parent=None).start(SimpleNamespace(connection=connection))
+        channel = connection.default_channel
+        channel.queue_declare(DEAD_LETTER_QUEUE.name, passive=True)  # raises if missing
+        channel.basic_publish(channel.prepare_message("dead"), exchange="celery.dlx", routing_key="email")
+        assert channel.basic_get(DEAD_LETTER_QUEUE.name).body == b"dead"
