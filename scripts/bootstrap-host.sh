@@ -41,6 +41,8 @@ build_image() {
   cp /usr/local/share/ca-certificates/*.crt "$rootfs/usr/local/share/ca-certificates/" 2>/dev/null || true
   chroot "$rootfs" update-ca-certificates >/dev/null
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+  # An old mtime makes the first `apt update_cache` with cache_valid_time refresh.
+  touch -d @0 "$rootfs/var/lib/apt/lists"
   tar -C "$rootfs" -c . | docker import --change 'CMD ["/lib/systemd/systemd"]' - "$image" >/dev/null
   rm -rf "$rootfs"
 }
