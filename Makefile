@@ -1,0 +1,58 @@
+# celery-broker-kit. Run as root on a Debian machine.
+#   make deploy   toolchain + sandbox hosts + site.yml on inventories/sandbox
+#   make test     lint + every Molecule scenario + sample_app tests, with a summary
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv
+APP_VENV := sample_app/.venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+
+.PHONY: help toolchain host apt-cache sandbox deploy destroy lint molecule app-test test bench-deploy
+
+help:
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+$(APP_VENV)/.installed: sample_app/requirements.txt sample_app/requirements-test.txt
+	python3 -m venv $(APP_VENV)
+	$(APP_VENV)/bin/pip install -q -r sample_app/requirements.txt -r sample_app/requirements-test.txt
+	touch $@
+
+toolchain: $(VENV)/.installed ## controller venv with the pinned Ansible/Molecule toolchain
+
+host: ## docker engine running and the Debian 12/13 base images built (idempotent)
+	bash scripts/bootstrap-host.sh
+
+apt-cache: toolchain host ## package cache shared by all test and sandbox hosts
+	ansible-playbook playbooks/sandbox/apt_cache.yml
+
+sandbox: apt-cache ## the sandbox hosts of inventories/sandbox as systemd containers
+	ansible-playbook playbooks/sandbox/hosts.yml
+
+deploy: sandbox ## deploy the whole stack on the sandbox and say where it is
+	ansible-playbook site.yml
+	ansible-playbook playbooks/sandbox/summary.yml
+
+destroy: toolchain ## remove the sandbox hosts and network (images and caches stay)
+	ansible-playbook playbooks/sandbox/destroy.yml
+
+lint: toolchain ## yamllint and ansible-lint (production profile)
+	yamllint --strict .
+	ansible-lint --profile production
+
+molecule: apt-cache ## every Molecule scenario (SCENARIOS="a b" for a subset)
+	bash scripts/run-tests.sh molecule $(SCENARIOS)
+
+app-test: $(APP_VENV)/.installed ## sample_app's pytest suite
+	cd sample_app && .venv/bin/pytest -q
+
+test: apt-cache $(APP_VENV)/.installed ## lint + every Molecule scenario + sample_app tests, with a summary
+	bash scripts/run-tests.sh all
+
+bench-deploy: sandbox ## warm site.yml re-run with this ansible.cfg vs an empty one
+	bash scripts/bench-deploy.sh
