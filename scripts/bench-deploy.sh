@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p bench
-empty_cfg=$(mktemp)
+empty_cfg=$(mktemp --suffix=.cfg)
 run_log=$(mktemp)
 trap 'rm -f "$empty_cfg" "$run_log"' EXIT
 
