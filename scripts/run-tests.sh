@@ -3,24 +3,27 @@
 # one summary line per step: name, result, seconds. Logs go to artifacts/test-logs/;
 # a failing step's log tail is printed. Exits non-zero if any step failed.
 #   run-tests.sh all | run-tests.sh molecule [scenario ...]
+# Scenarios run CBK_TEST_JOBS at a time (default 2): they wait on packages and
+# services far more than on CPU, and each has its own containers and network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS=artifacts/test-logs
-mkdir -p "$LOGS"
-summary=() failed=0
+JOBS=${CBK_TEST_JOBS:-2}
+rm -rf "$LOGS" && mkdir -p "$LOGS"
 
-step() {
+step() {  # step NAME COMMAND...: runs it, logs it, writes its summary line
   local name=$1 start=$SECONDS result=pass
   shift
-  echo "== $name"
-  "$@" >"$LOGS/$name.log" 2>&1 || { result=FAIL; failed=1; tail -n 60 "$LOGS/$name.log"; }
-  summary+=("$(printf '%-22s %-4s %6ss' "$name" "$result" $((SECONDS - start)))")
+  "$@" >"$LOGS/$name.log" 2>&1 || result=FAIL
+  printf '%-24s %-4s %6ss\n' "$name" "$result" $((SECONDS - start)) >"$LOGS/$name.result"
+  echo "== $name: $result"
 }
 
 mode=${1:-all}
 shift || true
 scenarios=("$@")
-[ ${#scenarios[@]} -gt 0 ] || mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename | sort)
+[ ${#scenarios[@]} -gt 0 ] ||
+  mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename | sort)
 
 total_start=$SECONDS
 if [ "$mode" = all ]; then
@@ -29,10 +32,20 @@ if [ "$mode" = all ]; then
   step sample_app bash -c 'cd sample_app && .venv/bin/pytest -q'
 fi
 for scenario in "${scenarios[@]}"; do
-  step "molecule:$scenario" molecule test -s "$scenario" --no-command-borders
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  step "molecule-$scenario" molecule test -s "$scenario" --no-command-borders &
 done
+wait
 
-printf '\n%-22s %-4s %7s\n' step result time
-printf '%s\n' "${summary[@]}"
-printf '%-22s %-4s %6ss\n' total "$([ $failed = 0 ] && echo pass || echo FAIL)" $((SECONDS - total_start))
+failed=0
+for result in "$LOGS"/*.result; do
+  grep -q ' FAIL ' "$result" || continue
+  failed=1
+  log=${result%.result}.log
+  printf '\n---- last lines of %s\n' "$log"
+  tail -n 60 "$log"
+done
+printf '\n%-24s %-4s %7s\n' step result time
+cat "$LOGS"/*.result
+printf '%-24s %-4s %6ss\n' total "$([ $failed = 0 ] && echo pass || echo FAIL)" $((SECONDS - total_start))
 exit $failed
