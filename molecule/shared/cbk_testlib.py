@@ -1,6 +1,7 @@
 """Helpers shared by the testinfra suites of every Molecule scenario."""
 
 import os
+import re
 
 import testinfra
 
@@ -82,3 +83,127 @@ def wait_for_maildir_message(host, maildir, needle, timeout=60):
         maildir,
     )
     return found.stdout.strip() or None
+
+
+HTTP_REQUEST = (
+    "import http.client, json, socket, sys\n"
+    "req = json.loads(sys.argv[1])\n"
+    "class UnixHTTPConnection(http.client.HTTPConnection):\n"
+    "    def connect(self):\n"
+    "        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+    "        self.sock.settimeout(self.timeout)\n"
+    "        self.sock.connect(req['unix_socket'])\n"
+    "if req['unix_socket']:\n"
+    "    conn = UnixHTTPConnection('localhost', timeout=req['timeout'])\n"
+    "else:\n"
+    "    conn = http.client.HTTPConnection(req['address'], req['port'], timeout=req['timeout'])\n"
+    "body = req['body'].encode() if req['body'] is not None else None\n"
+    "conn.request(req['method'], req['path'], body=body, headers=req['headers'])\n"
+    "resp = conn.getresponse()\n"
+    "print(json.dumps({'status': resp.status, 'headers': resp.getheaders(),\n"
+    "                  'body': resp.read().decode('utf-8', 'replace')}))\n"
+)
+
+
+class HTTPResponse:
+    """Status, headers (every occurrence kept) and text body of one response."""
+
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def header(self, name):
+        """Every value of the header called name (case-insensitive), in order."""
+        return [value for key, value in self.headers if key.lower() == name.lower()]
+
+    def json(self):
+        import json
+
+        return json.loads(self.body)
+
+
+def http_request(client, address, port, path, method="GET", headers=None, body=None, unix_socket=None,
+                 user=None, timeout=10):
+    """One HTTP/1.1 request sent from client with python3's http.client (no redirects followed),
+    over TCP to address:port or over the unix socket unix_socket, optionally as user."""
+    import json
+
+    request = json.dumps(
+        {"address": address, "port": port, "path": path, "method": method, "headers": headers or {},
+         "body": body, "unix_socket": unix_socket, "timeout": timeout}
+    )
+    if user:
+        out = client.check_output("runuser -u %s -- python3 -c %s %s", user, HTTP_REQUEST, request)
+    else:
+        out = client.check_output("python3 -c %s %s", HTTP_REQUEST, request)
+    return HTTPResponse(**json.loads(out))
+
+
+def direct(host):
+    """The same instance, reached with `docker exec` when Ansible connects to it through
+    docker: one process per command instead of one Ansible run (much faster for suites
+    that run many commands). Other connections are returned unchanged."""
+    name = host.backend.get_hostname()
+    variables = host.backend.ansible_runner.get_variables(name)
+    if variables.get("ansible_connection") in ("docker", "community.docker.docker"):
+        return testinfra.get_host(f"docker://{variables.get('ansible_host', name)}")
+    return host
+
+
+HTTP_GET = (
+    "import base64, sys, urllib.error, urllib.request\n"
+    "req = urllib.request.Request(sys.argv[1])\n"
+    "if len(sys.argv) > 3:\n"
+    "    token = base64.b64encode(f'{sys.argv[2]}:{sys.argv[3]}'.encode()).decode()\n"
+    "    req.add_header('Authorization', 'Basic ' + token)\n"
+    "try:\n"
+    "    resp = urllib.request.urlopen(req, timeout=15)\n"
+    "    status, body = resp.status, resp.read()\n"
+    "except urllib.error.HTTPError as err:\n"
+    "    status, body = err.code, err.read()\n"
+    "sys.stdout.write(f'{status}\\n' + body.decode(errors='replace'))\n"
+)
+
+
+def http_get(client, url, user=None, password=None):
+    """(status, body) of a GET from client, with basic auth when user is given."""
+    auth = [user, password] if user is not None else []
+    out = client.check_output("python3 -c %s %s" + " %s" * len(auth), HTTP_GET, url, *auth)
+    status, _, body = out.partition("\n")
+    return int(status), body
+
+
+def systemd_seconds(value):
+    """Seconds of a systemd time span as `systemctl show` prints it, e.g. '5min 30s'."""
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1, "min": 60, "h": 3600, "d": 86400}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(us|ms|min|s|h|d)", value))
+
+
+def run_python(client, program, argument):
+    """Run a Python program on client with one JSON argument; return its JSON output."""
+    import json
+
+    return json.loads(client.check_output("python3 -c %s %s", program, json.dumps(argument)))
+
+
+AMQP_LOGIN = (
+    "import json, sys\n"
+    "from kombu import Connection\n"
+    "try:\n"
+    "    with Connection(sys.argv[1], connect_timeout=5) as conn:\n"
+    "        conn.connect()\n"
+    "        mechanisms = sorted(m.decode() for m in conn.connection.mechanisms)\n"
+    "        print(json.dumps({'result': 'ok', 'mechanisms': mechanisms}))\n"
+    "except Exception as exc:\n"
+    "    print(json.dumps({'result': type(exc).__name__, 'detail': str(exc)}))\n"
+)
+
+
+def amqp_login(client, url):
+    """Log in to an AMQP broker from client (needs python3-kombu there).
+
+    Returns {'result': 'ok', 'mechanisms': [SASL mechanisms the server offers]} or
+    {'result': <exception class, e.g. 'AccessRefused'>, 'detail': <message>}.
+    """
+    import json
+
+    return json.loads(client.check_output("python3 -c %s %s", AMQP_LOGIN, url))
