@@ -1,0 +1,84 @@
+"""The role's preflight: a wrong inventory fails before any change, with a message that
+names the variable, and without printing a password.
+
+Runs ansible-playbook (check mode) from the controller against one instance; the cases
+run in parallel."""
+
+import json
+import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+SCENARIO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT_DIR = os.environ.get("MOLECULE_PROJECT_DIRECTORY", os.path.dirname(os.path.dirname(SCENARIO_DIR)))
+INSTANCE = "cbk-redis-debian12"
+VALID = {
+    "redis_app_password": "preflight-app-password-1",
+    "redis_admin_password": "preflight-admin-password-1",
+    "redis_monitor_password": "preflight-monitor-password-1",
+    "redis_maxmemory": "64mb",
+}
+# name: (variables set or, with None, removed; text the failure must contain)
+CASES = {
+    "missing admin password": ({"redis_admin_password": None}, "missing required arguments: redis_admin_password"),
+    "short app password": (
+        {"redis_app_password": "short-pw-123"},
+        "redis_app_password must be a string of at least 16",
+    ),
+    "port out of range": (
+        {"redis_port": 70000},
+        "redis_port (70000) and redis_tls_port (6380) must be different TCP ports",
+    ),
+    "unknown appendfsync": ({"redis_appendfsync": "no"}, "redis_appendfsync must be one of: everysec, always, got: no"),
+    "client network without prefix": (
+        {"redis_client_networks": ["10.0.0.7"]},
+        "redis_client_networks entries must be CIDR",
+    ),
+    "wildcard bind address": ({"redis_bind_addresses": ["0.0.0.0"]}, "redis_bind_addresses must list specific"),
+    "TLS file missing on the host": (
+        {"redis_tls_enabled": True, "redis_tls_source": "files", "redis_tls_cert_path": "/nonexistent/redis.crt"},
+        "redis_tls_source is files but redis_tls_cert_path (/nonexistent/redis.crt) does not exist",
+    ),
+    "TLS key that is not PEM": (
+        {"redis_tls_enabled": True, "redis_tls_source": "content", "redis_tls_key": "not-a-key"},
+        "redis_tls_source is content: redis_tls_ca_cert and redis_tls_cert must hold PEM",
+    ),
+}
+
+
+def run_case(changes):
+    variables = {**VALID, **changes}
+    variables = {key: value for key, value in variables.items() if value is not None}
+    variables["ansible_connection"] = "community.docker.docker"
+    result = subprocess.run(
+        ["ansible-playbook", "--check", "-i", f"{INSTANCE},", "-e", json.dumps(variables), "preflight.yml"],
+        cwd=SCENARIO_DIR,
+        env={**os.environ, "ANSIBLE_ROLES_PATH": os.path.join(PROJECT_DIR, "roles"), "ANSIBLE_NOCOLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def outcomes():
+    with ThreadPoolExecutor(len(CASES)) as pool:
+        futures = {name: pool.submit(run_case, changes) for name, (changes, _) in CASES.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_wrong_inventory_fails_in_preflight_naming_the_variable(outcomes, case):
+    changes, message = CASES[case]
+    returncode, output = outcomes[case]
+    assert returncode != 0
+    assert message in output, output[-3000:]
+    # Stopped before install.yml, the first task that could change the host.
+    assert "Take Redis packages from Debian's archive only" not in output
+    assert "changed=0" in output
+    passwords = [value for key, value in {**VALID, **changes}.items() if key.endswith("_password") and value]
+    for password in passwords:
+        assert password not in output

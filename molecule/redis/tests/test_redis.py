@@ -1,0 +1,324 @@
+"""The redis role: a Celery broker only the app's hosts can reach, only its ACL users can
+use, each with only the commands it needs; durable across restarts; TLS-only where enabled.
+
+Every instance is a Redis server and the other instance's client, so the network checks
+and the Celery round trips run on the peer and cross the firewall. cbk-redis-debian13
+runs TLS only (molecule.yml); cbk-redis-debian12 plain text."""
+
+import hashlib
+import time
+
+import pytest
+import testinfra
+from cbk_testlib import address, direct, other_hosts, tcp_probe
+
+PROBE_DIR = "/opt/cbk-probe"
+PROBE_CA = f"{PROBE_DIR}/redis-ca.crt"
+PLAIN_PORT, TLS_PORT = 6379, 6380
+CONFIG_FILES = ("/etc/redis/redis.conf", "/etc/redis/users.acl")
+# Everything Redis and its unit read, where a clear-text password must never be.
+SECRET_FREE_PATHS = ("/etc/redis", "/var/lib/redis", "/etc/systemd/system/redis-server.service.d")
+# The instances share the docker host's clock. Journal entries before this moment come
+# from the Ansible runs (converge, idempotence, side effect); later ones from these tests,
+# whose own commands carry the test passwords.
+SESSION_START = int(time.time())
+
+
+class Broker:
+    """The instance under test as its clients see it."""
+
+    def __init__(self, host):
+        variables = host.ansible.get_variables()
+        self.host = direct(host)
+        self.tls = bool(variables.get("redis_tls_enabled", False))
+        self.port = TLS_PORT if self.tls else PLAIN_PORT
+        self.ip = address(host)
+        self.appendfsync = variables.get("redis_appendfsync", "everysec")
+        self.maxmemory = variables.get("redis_maxmemory")  # None: the default, half the RAM
+        self.passwords = {
+            "celery": variables["redis_app_password"],
+            "admin": variables["redis_admin_password"],
+            "monitor": variables["redis_monitor_password"],
+        }
+
+    def cli(self, client, *args, user=None, password=None, tls=None, ca=PROBE_CA, port=None):
+        """redis-cli on client against this instance; stdout and stderr together."""
+        tls = self.tls if tls is None else tls
+        command = ["timeout", "10", "redis-cli", "--no-auth-warning", "-h", self.ip, "-p", str(port or self.port)]
+        if tls:
+            command += ["--tls"] + (["--cacert", ca] if ca else [])
+        if user:
+            command += ["--user", user]
+            password = self.passwords[user] if password is None else password
+        if password is not None:
+            command = ["env", f"REDISCLI_AUTH={password}"] + command
+        result = client.run(" ".join(["%s"] * len(command + list(args))), *command, *args)
+        return (result.stdout + result.stderr).strip()
+
+    def as_user(self, client, user, *args):
+        return self.cli(client, *args, user=user)
+
+    def url(self, user="celery"):
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{user}:{self.passwords[user]}@{self.ip}:{self.port}/0"
+
+    def probe(self, client, *args):
+        """Run molecule/redis/files/celery_probe.py on client against this instance."""
+        return client.check_output(
+            "cd %s && env PROBE_URL=%s PROBE_CA=%s venv/bin/python celery_probe.py " + " ".join(["%s"] * len(args)),
+            PROBE_DIR,
+            self.url(),
+            PROBE_CA,
+            *args,
+        )
+
+    def wait_ready(self, client):
+        """Wait until Redis answers again (it says LOADING while it replays the AOF)."""
+        for _ in range(60):
+            if self.as_user(client, "monitor", "PING") == "PONG":
+                return
+            self.host.run("sleep 0.5")
+        pytest.fail("Redis did not come back")
+
+
+@pytest.fixture(scope="module")
+def peer(host):
+    (other,) = other_hosts(host)
+    return direct(other)
+
+
+@pytest.fixture(scope="module")
+def broker(host):
+    return Broker(host)
+
+
+@pytest.fixture(scope="module")
+def node(host):
+    """The instance under test, for commands and files (faster than the Ansible backend)."""
+    return direct(host)
+
+
+def acl_log_entries(broker, client, user):
+    """(reason, object) of each ACL LOG entry about user (redis-cli prints fields one per line)."""
+    lines = broker.as_user(client, "admin", "ACL", "LOG", "128").splitlines()
+    entries, current = [], {}
+    for key, value in zip(lines, lines[1:]):
+        if key in ("reason", "object", "username"):
+            current[key] = value
+        if key == "username":
+            if value == user:
+                entries.append((current.get("reason"), current.get("object")))
+            current = {}
+    return entries
+
+
+# --- Package and service -----------------------------------------------------------------
+
+
+def test_redis_comes_from_the_debian_release(node):
+    expected = {"12": "5:7.0.", "13": "5:8.0."}[node.system_info.release.split(".")[0]]
+    assert node.package("redis-server").version.startswith(expected)
+    policy = node.check_output("apt-cache policy redis-server")
+    assert "990" in policy, "the apt pin to Debian's archive is not in effect"
+
+
+def test_service_runs_with_the_hardening_drop_in(node):
+    service = node.service("redis-server")
+    assert service.is_running
+    assert service.is_enabled
+    props = dict(
+        line.split("=", 1)
+        for line in node.check_output(
+            "systemctl show redis-server -p NoNewPrivileges -p ProtectSystem -p PrivateTmp "
+            "-p LimitNOFILE -p ReadWritePaths -p UMask -p User -p CapabilityBoundingSet"
+        ).splitlines()
+    )
+    assert props["NoNewPrivileges"] == "yes"
+    assert props["ProtectSystem"] == "strict"
+    assert props["PrivateTmp"] == "yes"
+    assert props["LimitNOFILE"] == "65536"
+    assert props["UMask"] == "0027"
+    assert props["User"] == "redis"
+    assert props["CapabilityBoundingSet"] == ""
+    # Debian's unit lets Redis write /etc/redis (and /var/log/redis); the drop-in does not.
+    assert props["ReadWritePaths"].split() == ["/var/lib/redis", "-/run/redis"]
+
+
+def test_redis_cannot_write_its_own_configuration(node, peer, broker):
+    # Ansible is the source of truth: CONFIG REWRITE and ACL SAVE fail even for the admin.
+    assert broker.as_user(peer, "admin", "CONFIG", "REWRITE").startswith("ERR")
+    assert broker.as_user(peer, "admin", "ACL", "SAVE").startswith("ERR")
+
+
+# --- Files on disk -------------------------------------------------------------------------
+
+
+def test_configuration_is_root_owned_and_not_world_readable(node):
+    directory = node.file("/etc/redis")
+    assert (directory.user, directory.group, directory.mode) == ("root", "redis", 0o750)
+    for path in CONFIG_FILES:
+        config = node.file(path)
+        assert (config.user, config.group, config.mode) == ("root", "redis", 0o640), path
+    data = node.file("/var/lib/redis")
+    assert (data.user, data.group, data.mode) == ("redis", "redis", 0o750)
+    # Package upgrades re-apply these instead of Debian's redis-owned modes.
+    overrides = node.check_output("dpkg-statoverride --list").splitlines()
+    assert "root redis 750 /etc/redis" in overrides
+    assert "root redis 640 /etc/redis/redis.conf" in overrides
+
+
+def test_no_clear_text_password_on_disk_or_in_logs(node, broker):
+    for user, password in broker.passwords.items():
+        found = node.run("grep -rlF -e %s" + " %s" * len(SECRET_FREE_PATHS), password, *SECRET_FREE_PATHS)
+        assert found.rc == 1, f"{user}'s password in clear text in {found.stdout}"
+        # Ansible modules log their arguments to the journal unless no_log hides them.
+        logged = node.run("journalctl --no-pager -o cat --until @%s | grep -cF -e %s", str(SESSION_START), password)
+        assert logged.stdout.strip() == "0", f"{user}'s password is in the journal"
+        digest = hashlib.sha256(password.encode()).hexdigest()
+        assert f"user {user} on #{digest} " in node.file("/etc/redis/users.acl").content_string
+    config = node.file("/etc/redis/redis.conf").content_string
+    assert "requirepass" not in config
+    assert "masterauth" not in config
+    assert "rename-command" not in config
+
+
+# --- Authentication and authorisation -----------------------------------------------------
+
+
+def test_unauthenticated_clients_get_noauth(peer, broker):
+    assert broker.cli(peer, "PING").startswith("NOAUTH")
+
+
+@pytest.mark.parametrize("password", ["", "anything", "test-admin-Hb3mK8cJf5dR1gVe"])
+def test_default_user_cannot_log_in(peer, broker, password):
+    assert "WRONGPASS" in broker.cli(peer, "AUTH", "default", password)
+    assert "WRONGPASS" in broker.cli(peer, "HELLO", "2", "AUTH", "default", password)
+
+
+def test_each_user_logs_in_with_its_password_only(peer, broker):
+    for user in broker.passwords:
+        assert broker.as_user(peer, user, "PING") == "PONG", user
+        assert "WRONGPASS" in broker.cli(peer, "PING", user=user, password="wrong-password-123456")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["CONFIG", "GET", "maxmemory"],
+        ["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"],
+        ["FLUSHALL"],
+        ["FLUSHDB"],
+        ["DEBUG", "SLEEP", "0"],
+        ["MODULE", "LIST"],
+        ["ACL", "LIST"],
+        ["ACL", "SETUSER", "celery", "+@all"],
+        ["KEYS", "*"],
+        ["INFO"],
+        ["CLIENT", "LIST"],
+        ["SHUTDOWN", "ABORT"],
+        ["REPLICAOF", "NO", "ONE"],
+        ["BGREWRITEAOF"],
+        ["EVAL", "return 1", "0"],
+        ["SCRIPT", "FLUSH"],
+    ],
+    ids=lambda command: " ".join(command[:2]),
+)
+def test_app_user_is_refused_admin_and_dangerous_commands(peer, broker, command):
+    reply = broker.as_user(peer, "celery", *command)
+    # DEBUG is switched off for everyone (enable-debug-command no), which Redis checks first.
+    assert reply.startswith("NOPERM") or reply.startswith("ERR DEBUG command not allowed"), reply
+    # The ACL alone refuses it too, whatever the server settings.
+    assert "no permissions" in broker.as_user(peer, "admin", "ACL", "DRYRUN", "celery", *command)
+
+
+def test_admin_user_may_administer(peer, broker):
+    assert broker.as_user(peer, "admin", "ACL", "WHOAMI") == "admin"
+    assert broker.as_user(peer, "admin", "CONFIG", "GET", "maxmemory-policy").splitlines() == [
+        "maxmemory-policy",
+        "noeviction",
+    ]
+    assert broker.as_user(peer, "admin", "CONFIG", "GET", "appendonly").splitlines()[1] == "yes"
+    assert broker.as_user(peer, "admin", "CONFIG", "GET", "appendfsync").splitlines()[1] == broker.appendfsync
+    assert broker.as_user(peer, "admin", "CONFIG", "GET", "protected-mode").splitlines()[1] == "yes"
+    users = broker.as_user(peer, "admin", "ACL", "LIST")
+    assert "user default off" in users
+    assert "+@all" not in users.split("user celery", 1)[1].splitlines()[0]
+    # Disabled by the server configuration, for everyone.
+    assert "DEBUG command not allowed" in broker.as_user(peer, "admin", "DEBUG", "SLEEP", "0")
+    assert "MODULE command not allowed" in broker.as_user(peer, "admin", "MODULE", "LOAD", "/nonexistent.so")
+
+
+def test_memory_is_capped_and_never_evicts(node, peer, broker):
+    if broker.maxmemory:
+        assert broker.maxmemory == "256mb"  # molecule.yml
+        expected = 256 * 1024 * 1024
+    else:
+        # Ansible's memtotal_mb is MemTotal in MiB; the default is half of it.
+        memtotal_mb = int(node.check_output("awk '/^MemTotal:/ {print $2}' /proc/meminfo")) // 1024
+        expected = int(memtotal_mb * 0.5) * 1024 * 1024
+    assert broker.as_user(peer, "admin", "CONFIG", "GET", "maxmemory").splitlines()[1] == str(expected)
+    assert broker.as_user(peer, "admin", "CONFIG", "GET", "maxmemory-policy").splitlines()[1] == "noeviction"
+
+
+def test_monitor_user_reads_health_only(peer, broker):
+    assert "aof_enabled:1" in broker.as_user(peer, "monitor", "INFO", "persistence")
+    assert broker.as_user(peer, "monitor", "LLEN", "celery").isdigit()
+    assert broker.as_user(peer, "monitor", "SLOWLOG", "LEN").isdigit()
+    for command in (["GET", "x"], ["LPUSH", "celery", "x"], ["CONFIG", "GET", "*"], ["CLIENT", "LIST"], ["KEYS", "*"]):
+        assert broker.as_user(peer, "monitor", *command).startswith("NOPERM"), command
+
+
+# --- Celery ------------------------------------------------------------------------------
+
+
+def test_celery_round_trip_from_the_peer_needs_no_more_than_the_app_acl(peer, broker):
+    broker.as_user(peer, "admin", "ACL", "LOG", "RESET")
+    assert broker.probe(peer, "roundtrip").splitlines()[-1] == "ok"
+    # Nothing Celery, kombu or redis-py sent was refused (redis-py ignores some refusals).
+    assert acl_log_entries(broker, peer, "celery") == []
+
+
+# --- Network -----------------------------------------------------------------------------
+
+
+def test_redis_listens_on_the_configured_addresses_only(node, broker):
+    listeners = node.check_output("ss -Htln 'sport = :%s'", str(broker.port)).splitlines()
+    local = sorted(line.split()[3].rsplit(":", 1)[0] for line in listeners)
+    assert local == sorted(["127.0.0.1", broker.ip])
+
+
+def test_port_is_open_to_the_peer_and_closed_to_others(node, peer, broker):
+    assert tcp_probe(peer, broker.ip, broker.port) == "open"
+    # The docker host shares the network but is in no allow-list.
+    assert tcp_probe(testinfra.get_host("local://"), broker.ip, broker.port) == "timeout"
+
+
+def test_plain_text_is_refused_when_tls_is_on(node, peer, broker):
+    if not broker.tls:
+        assert tcp_probe(node, "127.0.0.1", TLS_PORT) == "refused"
+        pytest.skip("plain-text instance")
+    # `port 0`: nothing listens on the plain port, and the firewall does not open it.
+    assert tcp_probe(node, "127.0.0.1", PLAIN_PORT) == "refused"
+    assert tcp_probe(peer, broker.ip, PLAIN_PORT) == "timeout"
+    # Plain text to the TLS port gets no answer.
+    assert "PONG" not in broker.cli(peer, "PING", user="celery", tls=False)
+    # TLS without the sandbox CA fails verification; with it, it works.
+    assert "PONG" not in broker.cli(peer, "PING", user="celery", ca=None)
+    assert broker.cli(peer, "PING", user="celery") == "PONG"
+    assert broker.as_user(peer, "admin", "CONFIG", "GET", "port").splitlines()[1] == "0"
+    assert broker.as_user(peer, "admin", "CONFIG", "GET", "tls-auth-clients").splitlines()[1] == "no"
+
+
+def test_kernel_settings_are_skipped_in_containers(node):
+    # /proc/sys is read-only here: the base hook must not persist what it could not apply.
+    assert not node.file("/etc/sysctl.d/60-redis.conf").exists
+
+
+# --- Durability (restarts Redis: keep last) -------------------------------------------------
+
+
+def test_queued_task_survives_a_restart(node, peer, broker):
+    task_id = broker.probe(peer, "send").splitlines()[-1]
+    node.check_output("systemctl restart redis-server")
+    broker.wait_ready(peer)
+    assert broker.probe(peer, "collect", task_id).splitlines()[-1] == "42"
