@@ -30,6 +30,7 @@ if [ "$mode" = all ]; then
   step yamllint yamllint --strict .
   step ansible-lint ansible-lint --profile production
   step sample_app bash -c 'cd sample_app && .venv/bin/pytest -q'
+  step ruff bash -c 'cd sample_app && .venv/bin/ruff check . && .venv/bin/ruff format --check .'
 fi
 for scenario in "${scenarios[@]}"; do
   while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done

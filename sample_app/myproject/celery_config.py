@@ -46,8 +46,11 @@ def broker_name(url):
     raise ValueError(f"Unsupported broker URL scheme {scheme!r}: use redis(s):// or amqp(s)://")
 
 
-def build_celery_config(broker_url, result_backend=None, quorum_queues=False):
-    """Return Celery settings (lower-case names) suited to the broker in ``broker_url``."""
+def build_celery_config(broker_url, result_backend=None, quorum_queues=False, queue_names=QUEUE_NAMES):
+    """Return Celery settings (lower-case names) suited to the broker in ``broker_url``.
+
+    ``queue_names`` are the queues the app's workers consume (all of them unless hybrid mode moves some).
+    """
     config = {
         "broker_url": broker_url,
         "result_backend": result_backend,
@@ -72,22 +75,34 @@ def build_celery_config(broker_url, result_backend=None, quorum_queues=False):
     if broker_name(broker_url) == "redis":
         if quorum_queues:
             raise ValueError("Quorum queues are a RabbitMQ feature; turn CELERY_QUORUM_QUEUES off for Redis.")
-        config.update(_redis_config(broker_url))
+        config.update(_redis_config(broker_url, queue_names))
     else:
-        config.update(_rabbitmq_config(quorum_queues))
+        config.update(_rabbitmq_config(quorum_queues, queue_names))
     return config
 
 
-def _queues(queue_arguments=None):
+def build_hybrid_celery_config(broker_url, queue_names, result_backend=None):
+    """Return the settings of hybrid mode's second app, which serves ``queue_names`` on ``broker_url``."""
+    if unknown := set(queue_names) - set(QUEUE_NAMES):
+        raise ValueError(f"Unknown queues {sorted(unknown)} in CELERY_HYBRID_QUEUES; choose from {QUEUE_NAMES}.")
+    # No quorum queues: Celery sets up their native delayed delivery on conf.broker_url, which the
+    # CELERY_BROKER_URL environment variable (the main broker) overrides in every app.
+    config = build_celery_config(broker_url, result_backend, queue_names=queue_names)
+    # That variable wins over broker_url but not over these, which every connection of the app uses.
+    config["broker_read_url"] = config["broker_write_url"] = broker_url
+    return config
+
+
+def _queues(queue_names, queue_arguments=None):
     # Topic exchanges because Celery's native delayed delivery (ETA/countdown on
     # quorum queues) cannot route through direct exchanges.
     return [
         Queue(name, Exchange(name, type="topic"), routing_key=name, queue_arguments=queue_arguments)
-        for name in QUEUE_NAMES
+        for name in queue_names
     ]
 
 
-def _redis_config(broker_url):
+def _redis_config(broker_url, queue_names):
     config = {
         "broker_transport_options": {
             # Redis has no acks: a message not acked within this many seconds is delivered
@@ -102,7 +117,7 @@ def _redis_config(broker_url):
         "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
         # Unprioritised messages would land on step 0 (highest); put them in the middle instead.
         "task_default_priority": DEFAULT_PRIORITY,
-        "task_queues": _queues(),
+        "task_queues": _queues(queue_names),
     }
     if urlsplit(broker_url).scheme == "rediss":
         # Verify the server certificate; kombu otherwise falls back to CERT_NONE for rediss://.
@@ -110,7 +125,7 @@ def _redis_config(broker_url):
     return config
 
 
-def _rabbitmq_config(quorum_queues):
+def _rabbitmq_config(quorum_queues, queue_names):
     queue_arguments = {
         # Messages that are rejected, expire or exceed a delivery limit go to celery.dlx -> dead_letter.
         "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name,
@@ -133,5 +148,5 @@ def _rabbitmq_config(quorum_queues):
         queue_arguments["x-max-priority"] = MAX_PRIORITY
         # Unprioritised messages would be treated as 0 (lowest); put them in the middle instead.
         config["task_default_priority"] = DEFAULT_PRIORITY
-    config["task_queues"] = _queues(queue_arguments)
+    config["task_queues"] = _queues(queue_names, queue_arguments)
     return config

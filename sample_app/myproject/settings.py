@@ -6,7 +6,7 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
-from .celery_config import build_celery_config
+from .celery_config import QUEUE_NAMES, build_celery_config, build_hybrid_celery_config
 
 
 def env_bool(name, default=False):
@@ -133,13 +133,19 @@ LOGGING = {
 
 # Celery reads the CELERY_-prefixed settings (see myproject/celery.py).
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://localhost:6379/0")
-globals().update(
-    {
-        f"CELERY_{name.upper()}": value
-        for name, value in build_celery_config(
-            CELERY_BROKER_URL,
-            result_backend=os.environ.get("CELERY_RESULT_BACKEND") or None,
-            quorum_queues=env_bool("CELERY_QUORUM_QUEUES"),
-        ).items()
-    }
+# Hybrid mode (README.md): the CELERY_HYBRID_QUEUES live on a second broker, served by the app in
+# myproject/celery_hybrid.py, which reads the CELERY_HYBRID_-prefixed settings. Off unless the URL is set.
+CELERY_HYBRID_BROKER_URL = os.environ.get("CELERY_HYBRID_BROKER_URL") or None
+CELERY_HYBRID_QUEUES = (env_list("CELERY_HYBRID_QUEUES") or ["analytics"]) if CELERY_HYBRID_BROKER_URL else []
+
+_result_backend = os.environ.get("CELERY_RESULT_BACKEND") or None
+_celery_config = build_celery_config(
+    CELERY_BROKER_URL,
+    result_backend=_result_backend,
+    quorum_queues=env_bool("CELERY_QUORUM_QUEUES"),
+    queue_names=[name for name in QUEUE_NAMES if name not in CELERY_HYBRID_QUEUES],
 )
+globals().update({f"CELERY_{name.upper()}": value for name, value in _celery_config.items()})
+if CELERY_HYBRID_BROKER_URL:
+    _hybrid_config = build_hybrid_celery_config(CELERY_HYBRID_BROKER_URL, CELERY_HYBRID_QUEUES, _result_backend)
+    globals().update({f"CELERY_HYBRID_{name.upper()}": value for name, value in _hybrid_config.items()})

@@ -128,7 +128,7 @@ def test_routed_tasks_are_registered():
 def test_dead_letter_step_only_runs_on_rabbitmq():
     step = DeclareDeadLetterQueue(parent=None)
     for url, included in [(RABBITMQ_URL, True), (REDIS_URL, False)]:
-        consumer = SimpleNamespace(app=SimpleNamespace(conf=SimpleNamespace(broker_url=url)))
+        consumer = SimpleNamespace(app=SimpleNamespace(conf=SimpleNamespace(broker_read_url=url)))
         assert step.include_if(consumer) is included
 
 
