@@ -189,7 +189,7 @@ AMQP_LOGIN = (
     "import json, sys\n"
     "from kombu import Connection\n"
     "try:\n"
-    "    with Connection(sys.argv[1], connect_timeout=5) as conn:\n"
+    "    with Connection(sys.argv[1], ssl=json.loads(sys.argv[2]), connect_timeout=5) as conn:\n"
     "        conn.connect()\n"
     "        mechanisms = sorted(m.decode() for m in conn.connection.mechanisms)\n"
     "        print(json.dumps({'result': 'ok', 'mechanisms': mechanisms}))\n"
@@ -198,12 +198,14 @@ AMQP_LOGIN = (
 )
 
 
-def amqp_login(client, url):
+def amqp_login(client, url, ssl=None):
     """Log in to an AMQP broker from client (needs python3-kombu there).
 
+    ssl: kombu/py-amqp TLS options (a JSON-able dict), e.g.
+    {"context": {"cafile": "/etc/ca.crt", "check_hostname": True}, "server_hostname": "10.0.0.5"}.
     Returns {'result': 'ok', 'mechanisms': [SASL mechanisms the server offers]} or
     {'result': <exception class, e.g. 'AccessRefused'>, 'detail': <message>}.
     """
     import json
 
-    return json.loads(client.check_output("python3 -c %s %s", AMQP_LOGIN, url))
+    return json.loads(client.check_output("python3 -c %s %s %s", AMQP_LOGIN, url, json.dumps(ssl or False)))
