@@ -23,7 +23,9 @@ mode=${1:-all}
 shift || true
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] ||
-  mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename | sort)
+  # The full-stack e2e scenarios take longest: start them first so they do not run alone at the end.
+  mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename |
+    sort | sed -n '/^e2e-/p;/^e2e-/!H;${x;s/^\n//;p}')
 
 total_start=$SECONDS
 if [ "$mode" = all ]; then
