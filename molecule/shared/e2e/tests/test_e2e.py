@@ -1,0 +1,129 @@
+"""End to end: site.yml deployed on two hosts signs a user up over HTTP, and a Celery
+worker on the broker the scenario names sends the welcome email into the mail sink;
+losing one worker host's workers does not stop delivery; Flower and the RabbitMQ
+management UI answer operators with credentials only."""
+
+import json
+import os
+import time
+import uuid
+
+import pytest
+from cbk_testlib import address, direct, http_get, http_request, inventory_host, wait_for_maildir_message
+
+SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
+BROKER = SCENARIO.removeprefix("e2e-")
+MAILDIR = "/home/sink/Maildir"
+WORKERS = "celery-worker@*.service"
+FLOWER = ("admin", "e2e-flower-Nq4aZ2xL7kWsHb3m")
+RABBITMQ_ADMIN = ("admin", "e2e-rabbitmq-admin-Jf5dR1gVeZu6tP4")
+RABBITMQ_APP = ("celery", "e2e-rabbitmq-app-Lr9sT4wYzHb3mK8c")
+DELIVERY_SECONDS = 60
+
+
+def scenario_host(platform):
+    """(host for commands over docker exec, its address on the scenario network)."""
+    host = inventory_host(f"cbk-{SCENARIO}-{platform}")
+    return direct(host), address(host)
+
+
+@pytest.fixture(scope="module")
+def backend_host():
+    """Broker, database, mail sink and the first worker host (beat, Flower)."""
+    return scenario_host("debian12")
+
+
+@pytest.fixture(scope="module")
+def web_host():
+    """Web host and the second worker host."""
+    return scenario_host("debian13")
+
+
+@pytest.fixture(scope="module")
+def backend(backend_host):
+    return backend_host[0]
+
+
+@pytest.fixture(scope="module")
+def backend_address(backend_host):
+    return backend_host[1]
+
+
+@pytest.fixture(scope="module")
+def web(web_host):
+    return web_host[0]
+
+
+@pytest.fixture(scope="module")
+def web_address(web_host):
+    return web_host[1]
+
+
+def sign_up(client, web_address):
+    """POST a new user to the JSON signup endpoint through nginx; returns the email address."""
+    token = uuid.uuid4().hex[:12]
+    email = f"user-{token}@example.com"
+    body = {"username": f"user-{token}", "email": email, "password": "Correct-Horse-Battery-Staple-4711"}
+    response = http_request(
+        client, web_address, 80, "/api/signup/", method="POST",
+        headers={"Content-Type": "application/json", "Host": web_address}, body=json.dumps(body),
+    )
+    assert response.status == 201, response.body
+    return email
+
+
+def journal_since(host, unit, since):
+    return host.check_output("journalctl --no-pager -o cat -u %s --since @%s", unit, str(int(since)))
+
+
+def test_readyz_names_the_broker_and_reaches_database_and_broker(backend, web_address):
+    response = http_request(backend, web_address, 80, "/readyz", headers={"Host": web_address})
+    assert response.status == 200, response.body
+    assert response.json() == {"status": "ok", "broker": BROKER, "broker_connection": "ok", "database": "ok"}
+
+
+def test_signup_over_http_delivers_the_welcome_email(backend, web_address):
+    email = sign_up(backend, web_address)
+    path = wait_for_maildir_message(backend, MAILDIR, email, timeout=DELIVERY_SECONDS)
+    assert path, f"no welcome email to {email} in {MAILDIR} within {DELIVERY_SECONDS} s"
+    message = backend.file(path).content_string
+    assert "Subject: Welcome!" in message
+    assert "From: welcome@e2e.invalid" in message
+
+
+def test_flower_shows_the_workers_of_both_hosts_with_credentials_only(backend, backend_address, web):
+    url = f"http://{backend_address}:5555/api/workers?refresh=1"
+    assert http_get(web, url)[0] == 401
+    assert http_get(web, url, FLOWER[0], "wrong-password-123456")[0] == 401
+    status, body = http_get(web, url, *FLOWER)
+    assert status == 200
+    hostnames = {name.split("@", 1)[1] for name in json.loads(body)}
+    assert hostnames == {backend.check_output("uname -n"), web.check_output("uname -n")}
+
+
+def test_rabbitmq_management_ui_answers_the_admin_only(backend_address, web):
+    if BROKER != "rabbitmq":
+        pytest.skip("the management UI belongs to RabbitMQ")
+    url = f"http://{backend_address}:15672/api/queues/celery"
+    assert http_get(web, url)[0] == 401
+    assert http_get(web, url, *RABBITMQ_APP)[0] == 401
+    status, body = http_get(web, url, *RABBITMQ_ADMIN)
+    assert status == 200
+    assert {"email", "analytics", "celery"} <= {queue["name"] for queue in json.loads(body)}
+
+
+# Stops and restarts workers: keep last.
+@pytest.mark.parametrize("lost, survivor", [("backend", "web"), ("web", "backend")])
+def test_delivery_goes_on_when_one_worker_host_loses_its_workers(request, web_address, lost, survivor):
+    lost, survivor = request.getfixturevalue(lost), request.getfixturevalue(survivor)
+    backend = request.getfixturevalue("backend")
+    lost.check_output("systemctl kill --signal=SIGKILL %s && systemctl stop %s", WORKERS, WORKERS)
+    try:
+        started = time.time() - 1
+        email = sign_up(backend, web_address)
+        assert wait_for_maildir_message(backend, MAILDIR, email, timeout=DELIVERY_SECONDS), (
+            f"no welcome email to {email} with one worker host down"
+        )
+        assert "succeeded" in journal_since(survivor, "celery-worker@email", started)
+    finally:
+        lost.check_output("systemctl start celery-worker@email celery-worker@default celery-worker@priority")
