@@ -5,10 +5,11 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV := .venv
 APP_VENV := sample_app/.venv
+BENCH_VENV := .cache/bench-venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help toolchain host apt-cache sandbox deploy destroy lint molecule app-test test bench-deploy
+.PHONY: help toolchain host apt-cache sandbox deploy destroy lint molecule app-test test bench-deploy bench
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -48,6 +49,11 @@ lint: toolchain ## yamllint and ansible-lint (production profile)
 molecule: apt-cache ## every Molecule scenario (SCENARIOS="a b" for a subset)
 	bash scripts/run-tests.sh molecule $(SCENARIOS)
 
+$(BENCH_VENV)/.installed: bench/requirements.txt
+	python3 -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q -r bench/requirements.txt
+	touch $@
+
 app-test: $(APP_VENV)/.installed ## sample_app's pytest suite
 	cd sample_app && .venv/bin/pytest -q
 
@@ -56,3 +62,7 @@ test: apt-cache $(APP_VENV)/.installed ## lint + every Molecule scenario + sampl
 
 bench-deploy: sandbox ## warm site.yml re-run with this ansible.cfg vs an empty one
 	bash scripts/bench-deploy.sh
+
+bench: toolchain $(BENCH_VENV)/.installed ## Celery tasks/s and latency on the sandbox, RabbitMQ and Redis: bench/results.md
+	start=$$(date +%s) && ansible-playbook playbooks/bench.yml && \
+	  $(BENCH_VENV)/bin/python bench/report.py $$(( $$(date +%s) - start ))

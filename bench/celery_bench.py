@@ -1,0 +1,336 @@
+"""Celery throughput and latency on one broker: the kit's settings against Celery's defaults.
+
+Runs on a worker host with the app's venv (celery, kombu, redis, amqp and the app's
+``myproject.celery_config``) and prints one JSON document:
+
+    python celery_bench.py run BROKER_URL_FILE KIT_ENV_DIR
+
+BROKER_URL_FILE holds the broker URL. KIT_ENV_DIR holds the kit's worker instance files
+(roles/celery_worker): no-op tasks run like celery-worker-default.env, I/O-bound tasks like
+celery-worker-email.env, with the app's Celery settings. The bench has its own Celery app,
+tasks and queues (``bench_*``), so the app's workers never see its messages; every bench
+worker is a subprocess stopped before the next case starts. Every wait is bounded.
+"""
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from celery import Celery
+from celery.signals import worker_ready
+from kombu import Connection, Exchange, Queue
+
+IO_SECONDS = 0.05  # the welcome email's SMTP round trips, as a wait that releases the GIL
+NOOP_TASKS = 1000
+NOOP_REPEATS = 3
+IO_BURST_TASKS = 320
+IO_PACED_TASKS = 150
+IO_PACED_RATE = 30  # tasks/s, below what either configuration can drain
+KOMBU_MESSAGES = 3000
+WARMUP_TASKS = 50
+# Threads sending a burst, as several web processes do: with the kit's publisher confirms
+# on RabbitMQ one sender waits for every confirm and would measure itself, not the workers.
+PUBLISHERS = 4
+CASE_TIMEOUT = 90  # seconds a case may wait for its tasks
+START_TIMEOUT = 60  # seconds a bench worker may take to become ready
+
+
+def kit_celery_config():
+    """The app's myproject/celery_config.py, so the bench follows the kit when it changes.
+
+    Loaded by path: importing the myproject package would set up the app's own Celery app
+    and, through it, Django.
+    """
+    package_dir = os.path.dirname(importlib.util.find_spec("myproject").origin)
+    spec = importlib.util.spec_from_file_location("kit_celery_config", os.path.join(package_dir, "celery_config.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_app(broker_url, profile, queue):
+    """A Celery app for the bench queue ``queue``, with the kit's settings or Celery's defaults."""
+    app = Celery("bench", broker=broker_url)
+    if profile.startswith("kit"):
+        app.conf.update(kit_celery_config().build_celery_config(broker_url, queue_names=(queue,)))
+        app.conf.task_routes = None
+    if profile == "kit-prefetch4":
+        # The kit's settings with Celery's default prefetch, to show what prefetch 1 costs.
+        app.conf.worker_prefetch_multiplier = 4
+    app.conf.task_default_queue = queue
+    app.conf.worker_hijack_root_logger = False
+
+    @app.task(name="bench.noop")
+    def noop(phase, sent):
+        record(phase, sent)
+
+    @app.task(name="bench.io")
+    def io_wait(phase, sent):
+        time.sleep(IO_SECONDS)
+        record(phase, sent)
+
+    return app
+
+
+_done_files = {}
+
+
+def record(phase, sent):
+    """Append 'sent done' (epoch seconds) to this process's file of the phase.
+
+    One O_APPEND descriptor per process and phase: a short os.write is atomic, so the
+    threads of a threads pool don't need a lock.
+    """
+    key = (os.getpid(), phase)
+    if key not in _done_files:
+        path = os.path.join(os.environ["BENCH_RUN_DIR"], f"{phase}.{os.getpid()}")
+        _done_files[key] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.write(_done_files[key], f"{sent} {time.time()}\n".encode())
+
+
+def done_times(run_dir, phase):
+    pairs = []
+    for name in os.listdir(run_dir):
+        if name.startswith(phase + "."):
+            with open(os.path.join(run_dir, name)) as done_file:
+                pairs += [tuple(map(float, line.split())) for line in done_file if line.endswith("\n")]
+    return pairs
+
+
+def wait_done(run_dir, phase, count):
+    deadline = time.monotonic() + CASE_TIMEOUT
+    while len(pairs := done_times(run_dir, phase)) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{phase}: {len(pairs)} of {count} tasks done after {CASE_TIMEOUT} s")
+        time.sleep(0.2)
+    return pairs
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def peak_running(pairs, seconds):
+    """Most tasks of ``seconds`` each that ran at the same time."""
+    edges = sorted([(done - seconds, 1) for _, done in pairs] + [(done, -1) for _, done in pairs])
+    running = peak = 0
+    for _, step in edges:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+def summary(pairs):
+    first_sent = min(sent for sent, _ in pairs)
+    last_done = max(done for _, done in pairs)
+    latencies = [done - sent for sent, done in pairs]
+    return {
+        "tasks": len(pairs),
+        "tasks_per_s": round(len(pairs) / (last_done - first_sent), 1),
+        "p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
+    }
+
+
+class BenchWorker:
+    """A Celery worker subprocess (this file's ``worker`` command) on one bench queue."""
+
+    def __init__(self, run_dir, profile, queue, pool, concurrency, extra_args=()):
+        self.ready_file = os.path.join(run_dir, f"ready-{profile}-{queue}")
+        argv = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "worker",
+            profile,
+            queue,
+            self.ready_file,
+            f"--pool={pool}",
+            f"--concurrency={concurrency}",
+            *extra_args,
+        ]
+        self.process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not os.path.exists(self.ready_file):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"bench worker {profile}/{queue} did not start")
+            time.sleep(0.2)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def publish(task, phase, count, rate=None):
+    """Send ``count`` tasks at ``rate`` per second, or from PUBLISHERS threads back to back.
+
+    Returns the tasks sent per second.
+    """
+    start = time.monotonic()
+    if rate:
+        for i in range(count):
+            time.sleep(max(0.0, start + i / rate - time.monotonic()))
+            task.apply_async((phase, time.time()))
+    else:
+
+        def send(share):
+            for _ in range(share):
+                task.apply_async((phase, time.time()))
+
+        with ThreadPoolExecutor(PUBLISHERS) as publishers:
+            shares = [count // PUBLISHERS + (i < count % PUBLISHERS) for i in range(PUBLISHERS)]
+            list(publishers.map(send, shares))
+    return round(count / (time.monotonic() - start), 1)
+
+
+def run_case(broker_url, run_dir, profile, kind, pool, concurrency, extra_args=()):
+    """One worker configuration on one task kind: warm-up, then the measured phases."""
+    queue = f"bench_{kind}_{profile}"
+    app = make_app(broker_url, profile, queue)
+    task = app.tasks[f"bench.{kind}"]
+    worker = BenchWorker(run_dir, profile, queue, pool, concurrency, extra_args)
+    result = {"profile": profile, "kind": kind, "pool": pool, "concurrency": concurrency}
+    try:
+        publish(task, f"{queue}-warmup", WARMUP_TASKS)
+        wait_done(run_dir, f"{queue}-warmup", WARMUP_TASKS)
+        if kind == "noop":
+            runs = []
+            for repeat in range(NOOP_REPEATS):
+                phase = f"{queue}-burst{repeat}"
+                published_per_s = publish(task, phase, NOOP_TASKS)
+                runs.append(summary(wait_done(run_dir, phase, NOOP_TASKS)) | {"published_per_s": published_per_s})
+            result["runs"] = runs
+            result["burst"] = sorted(runs, key=lambda run: run["tasks_per_s"])[len(runs) // 2]
+        else:
+            published_per_s = publish(task, f"{queue}-burst", IO_BURST_TASKS)
+            result["burst"] = summary(wait_done(run_dir, f"{queue}-burst", IO_BURST_TASKS))
+            result["burst"]["published_per_s"] = published_per_s
+            result["burst"]["peak_running"] = peak_running(done_times(run_dir, f"{queue}-burst"), IO_SECONDS)
+            publish(task, f"{queue}-paced", IO_PACED_TASKS, IO_PACED_RATE)
+            result["paced"] = summary(wait_done(run_dir, f"{queue}-paced", IO_PACED_TASKS))
+            result["paced"]["rate"] = IO_PACED_RATE
+    finally:
+        worker.stop()
+        with app.connection_for_write() as connection:
+            Queue(queue)(connection.default_channel).delete()
+            Exchange(queue)(connection.default_channel).delete()
+    log(f"{profile} {kind}: {result['burst']['tasks_per_s']} tasks/s")
+    return result
+
+
+def kombu_ceiling(broker_url):
+    """Raw kombu: one thread publishes persistent messages while the main thread consumes and acks them."""
+    exchange = Exchange("bench_kombu", type="direct")
+    queue = Queue("bench_kombu", exchange, routing_key="bench_kombu")
+    received = []
+    with Connection(broker_url) as consumer_connection, Connection(broker_url) as producer_connection:
+        queue(consumer_connection.default_channel).declare()
+
+        def produce():
+            with producer_connection.Producer() as producer:
+                for i in range(KOMBU_MESSAGES):
+                    producer.publish(
+                        {"i": i, "sent": time.time()},
+                        exchange=exchange,
+                        routing_key="bench_kombu",
+                        serializer="json",
+                        delivery_mode="persistent",
+                    )
+
+        def consume(body, message):
+            received.append((body["sent"], time.time()))
+            message.ack()
+
+        with consumer_connection.Consumer(queue, callbacks=[consume], accept=["json"], prefetch_count=100):
+            producer_thread = threading.Thread(target=produce)
+            producer_thread.start()
+            deadline = time.monotonic() + CASE_TIMEOUT
+            while len(received) < KOMBU_MESSAGES and time.monotonic() < deadline:
+                try:
+                    consumer_connection.drain_events(timeout=1)
+                except TimeoutError:
+                    pass
+            producer_thread.join()
+        queue(consumer_connection.default_channel).delete()
+        exchange(consumer_connection.default_channel).delete()
+    if len(received) < KOMBU_MESSAGES:
+        raise TimeoutError(f"kombu: {len(received)} of {KOMBU_MESSAGES} messages after {CASE_TIMEOUT} s")
+    result = summary(received)
+    log(f"kombu: {result['tasks_per_s']} messages/s")
+    return result
+
+
+def log(line):
+    print(time.strftime("%H:%M:%S"), line, file=sys.stderr)
+
+
+def loadavg():
+    with open("/proc/loadavg") as proc_loadavg:
+        return " ".join(proc_loadavg.read().split()[:3])
+
+
+def kit_instance(env_dir, name):
+    """Pool, concurrency and worker options of the kit's worker instance ``name``."""
+    with open(os.path.join(env_dir, f"celery-worker-{name}.env")) as env_file:
+        env = dict(line.strip().split("=", 1) for line in env_file if "=" in line and not line.startswith("#"))
+    pool = env["CELERY_WORKER_POOL"]
+    # The prefork pool replaces its children after this many tasks, as the kit's unit asks.
+    options = [f"--max-tasks-per-child={env['CELERY_WORKER_MAX_TASKS_PER_CHILD']}"] if pool == "prefork" else []
+    return pool, int(env["CELERY_WORKER_CONCURRENCY"]), options
+
+
+def run(url_file, kit_env_dir):
+    with open(url_file) as url:
+        broker_url = url.read().strip()
+    # Bench workers are subprocesses of this file: they read the URL from here.
+    os.environ["BENCH_BROKER_URL"] = broker_url
+    kit = {"noop": kit_instance(kit_env_dir, "default"), "io": kit_instance(kit_env_dir, "email")}
+    cores = os.cpu_count()
+    run_dir = tempfile.mkdtemp(prefix="celery-bench-")
+    os.environ["BENCH_RUN_DIR"] = run_dir
+    try:
+        result = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cores": cores, "loadavg_before": loadavg()}
+        result["kombu"] = kombu_ceiling(broker_url)
+        cases = []
+        for kind in ("noop", "io"):
+            cases.append(run_case(broker_url, run_dir, "defaults", kind, "prefork", cores))
+            cases.append(run_case(broker_url, run_dir, "kit", kind, *kit[kind]))
+        cases.append(run_case(broker_url, run_dir, "kit-prefetch4", "io", *kit["io"]))
+        result["cases"] = cases
+        result["loadavg_after"] = loadavg()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    print(json.dumps(result))
+
+
+def worker(profile, queue, ready_file, *options):
+    app = make_app(os.environ["BENCH_BROKER_URL"], profile, queue)
+
+    @worker_ready.connect
+    def announce_ready(**kwargs):
+        open(ready_file, "w").close()
+
+    app.worker_main(["worker", f"--queues={queue}", f"--hostname=bench-{profile}@%h", "--loglevel=WARNING", *options])
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["run"]:
+        run(*sys.argv[2:])
+    elif sys.argv[1:2] == ["worker"]:
+        worker(*sys.argv[2:])
+    else:
+        sys.exit(__doc__)

@@ -1,0 +1,197 @@
+"""bench/results.json (playbooks/bench.yml) -> bench/results.md and bench/results.png.
+
+python report.py SECONDS    # SECONDS: how long `make bench` took
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BROKERS = ("rabbitmq", "redis")
+# Celery defaults, no-op tasks end to end, measured once on a 2-core container (issue 8).
+REFERENCE_NOOP = {"rabbitmq": 930, "redis": 590}
+
+
+def case(results, broker, kind, profile):
+    return next(c for c in results["celery"][broker]["cases"] if c["kind"] == kind and c["profile"] == profile)
+
+
+def ratio(kit, defaults):
+    return f"{kit / defaults:.2f}x"
+
+
+def signup_latencies(signup):
+    return [signup["arrived"][email] - sent for email, sent in signup["sent"].items() if email in signup["arrived"]]
+
+
+def percentile_ms(values, fraction):
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1000)
+
+
+def markdown(results, seconds):
+    celery = results["celery"]
+    lines = [
+        "# Celery bench on the sandbox",
+        "",
+        f"`make bench`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {seconds} s in all, "
+        f"{celery['rabbitmq']['cores']} cores shared by every container (and by whatever else runs on the machine).",
+        "Load average (1, 5, 15 min) before and after each broker's run: "
+        + "; ".join(f"{b} {celery[b]['loadavg_before']} -> {celery[b]['loadavg_after']}" for b in BROKERS)
+        + ". Above 2 the cores were shared with other work and every figure is lower than on an idle machine.",
+        "",
+        "Kit = the sandbox's deployed worker instance (`/etc/sample_app/celery-worker-*.env`) with the app's",
+        "Celery settings (`myproject.celery_config`); defaults = a bare `Celery(broker=URL)`, prefork pool,",
+        "concurrency = cores. Throughput is end to end: first task sent to last task finished, bursts",
+        "sent by 4 publisher threads (like several web processes). Latency is sent to finished.",
+        "",
+        "## (a) I/O-bound task (50 ms wait, like the welcome email's SMTP round trips)",
+        "",
+        "| broker | worker | burst tasks/s | burst p50 / p99 ms | peak running | kit/defaults "
+        "| at 30 tasks/s: p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for broker in BROKERS:
+        defaults = case(results, broker, "io", "defaults")
+        for row in (defaults, case(results, broker, "io", "kit"), case(results, broker, "io", "kit-prefetch4")):
+            burst, paced = row["burst"], row["paced"]
+            lines.append(
+                f"| {broker} | {row['profile']} ({row['pool']} x{row['concurrency']}) | {burst['tasks_per_s']} "
+                f"| {burst['p50_ms']} / {burst['p99_ms']} | {burst['peak_running']} "
+                f"| {ratio(burst['tasks_per_s'], defaults['burst']['tasks_per_s'])} "
+                f"| {paced['p50_ms']} / {paced['p99_ms']} |"
+            )
+    lines += [
+        "",
+        "Burst: the tasks are sent back to back, so latency includes the wait in the queue. Peak running:",
+        "most tasks running at once. kit-prefetch4 is the kit's settings with Celery's default",
+        "`worker_prefetch_multiplier` (4) instead of the kit's 1.",
+        "",
+        "## (b) No-op task",
+        "",
+        "| broker | worker | tasks/s (median of 3) | runs | sent/s | kit/defaults | reference defaults |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for broker in BROKERS:
+        defaults = case(results, broker, "noop", "defaults")
+        for row in (defaults, case(results, broker, "noop", "kit")):
+            runs = ", ".join(str(run["tasks_per_s"]) for run in row["runs"])
+            sent = statistics.median(run["published_per_s"] for run in row["runs"])
+            reference = f"{REFERENCE_NOOP[broker]}" if row is defaults else ""
+            lines.append(
+                f"| {broker} | {row['profile']} ({row['pool']} x{row['concurrency']}) | {row['burst']['tasks_per_s']} "
+                f"| {runs} | {sent} | {ratio(row['burst']['tasks_per_s'], defaults['burst']['tasks_per_s'])} "
+                f"| {reference} |"
+            )
+        kombu = celery[broker]["kombu"]
+        lines.append(f"| {broker} | raw kombu publish/consume (ceiling) | {kombu['tasks_per_s']} | | | | |")
+    signup = results["signup"]
+    latencies = signup_latencies(signup)
+    p50, p99 = (percentile_ms(latencies, 0.5), percentile_ms(latencies, 0.99)) if latencies else ("-", "-")
+    lines += [
+        "",
+        "sent/s: how fast the publisher threads sent the tasks; on RabbitMQ the kit waits for a",
+        "publisher confirm on every send.",
+        "",
+        "## Kit against defaults",
+        "",
+    ]
+    for broker in BROKERS:
+        noop = [case(results, broker, "noop", p)["burst"]["tasks_per_s"] for p in ("kit", "defaults")]
+        io = [case(results, broker, "io", p)["burst"]["tasks_per_s"] for p in ("kit", "defaults", "kit-prefetch4")]
+        verdict = "beats" if noop[0] > noop[1] else "does not beat"
+        lines.append(
+            f"- {broker}: no-op {ratio(*noop)}, the kit {verdict} Celery's defaults; I/O-bound {ratio(io[0], io[1])},"
+            f" {ratio(io[2], io[1])} with prefetch 4."
+        )
+    lines += [
+        "",
+        "The kit trades tasks/s for not losing tasks. Per task it acknowledges only after the task ran",
+        "(`task_acks_late`) and reserves one message per pool slot (`worker_prefetch_multiplier` 1), so a",
+        "slot waits for a broker round trip before its next task; on RabbitMQ it waits for a publisher",
+        "confirm on every send; it sends four task events (sent, received, started, succeeded) for Flower;",
+        "prefork children are replaced every 200 tasks; its queues have priorities (on Redis, 10 lists per",
+        "queue). Prefetch 1 with late acks is what holds the 16 email threads back: see the kit-prefetch4 rows.",
+        "",
+        "## (c) Signup to welcome email in the sink",
+        "",
+        f"{len(signup['sent'])} signups at {signup['rate']}/s through nginx (`/api/signup/` on 127.0.0.1:8080),"
+        f" broker **{results['broker']}** (the sandbox's `celery_broker`; Redis would need a redeploy of",
+        "the app and workers tiers). Latency: signup request sent to the mail's file in the sink's Maildir.",
+        "",
+        "| broker | mails arrived | p50 ms | p99 ms |",
+        "|---|---|---|---|",
+        f"| {results['broker']} | {len(latencies)} of {len(signup['sent'])} | {p50} | {p99} |",
+        "",
+        "![results](results.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    figure, (io_axes, noop_axes, latency_axes) = plt.subplots(1, 3, figsize=(14, 4.5))
+    width = 0.25
+    positions = range(len(BROKERS))
+    for offset, profile in ((-width, "defaults"), (0, "kit"), (width, "kit-prefetch4")):
+        io_axes.bar(
+            [p + offset for p in positions],
+            [case(results, b, "io", profile)["burst"]["tasks_per_s"] for b in BROKERS],
+            width,
+            label=profile,
+        )
+    io_axes.set_title("(a) I/O-bound task (50 ms), burst")
+    for offset, label in ((-width, "defaults"), (0, "kit"), (width, "raw kombu")):
+        values = [
+            results["celery"][b]["kombu"]["tasks_per_s"]
+            if label == "raw kombu"
+            else case(results, b, "noop", label)["burst"]["tasks_per_s"]
+            for b in BROKERS
+        ]
+        noop_axes.bar([p + offset for p in positions], values, width, label=label)
+    noop_axes.set_title("(b) no-op task")
+    for axes in (io_axes, noop_axes):
+        axes.set_xticks(list(positions), BROKERS)
+        axes.set_ylabel("tasks/s (end to end)")
+        axes.legend()
+    labels, p50, p99 = [], [], []
+    for broker in BROKERS:
+        for profile in ("defaults", "kit"):
+            paced = case(results, broker, "io", profile)["paced"]
+            labels.append(f"{broker}\n{profile}")
+            p50.append(paced["p50_ms"])
+            p99.append(paced["p99_ms"])
+    latencies = signup_latencies(results["signup"])
+    if latencies:
+        labels.append(f"signup->mail\n{results['broker']}")
+        p50.append(percentile_ms(latencies, 0.5))
+        p99.append(percentile_ms(latencies, 0.99))
+    latency_positions = range(len(labels))
+    latency_axes.bar([p - width / 2 for p in latency_positions], p50, width, label="p50")
+    latency_axes.bar([p + width / 2 for p in latency_positions], p99, width, label="p99")
+    latency_axes.set_xticks(list(latency_positions), labels, fontsize=8)
+    latency_axes.set_ylabel("ms")
+    latency_axes.set_title("(a, c) latency at a fixed rate")
+    latency_axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+def main():
+    with open(os.path.join(HERE, "results.json")) as results_file:
+        results = json.load(results_file)
+    with open(os.path.join(HERE, "results.md"), "w") as report:
+        report.write(markdown(results, int(sys.argv[1])))
+    plot(results, os.path.join(HERE, "results.png"))
+
+
+if __name__ == "__main__":
+    main()
