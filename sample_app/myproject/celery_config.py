@@ -25,7 +25,13 @@ TASK_ROUTES = {
 TASK_TIME_LIMIT = 300
 MAX_COUNTDOWN = 600
 VISIBILITY_TIMEOUT = 3600
+# Seconds between publish retries grow by 0.5 up to 1: about 20 s in all, within gunicorn's 30 s timeout.
+PUBLISH_RETRY_POLICY = {"max_retries": 22, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
+# Seconds after a signup when a welcome email still not sent is enqueued again, and how
+# often beat looks for such emails: longer than the publish retries and a normal delivery.
+WELCOME_EMAIL_RESEND_AFTER = 120
+WELCOME_EMAIL_RESEND_EVERY = 60
 # Priorities 0-9. RabbitMQ delivers 9 first; Redis delivers 0 first.
 MAX_PRIORITY = 9
 DEFAULT_PRIORITY = 5
@@ -62,6 +68,9 @@ def build_celery_config(broker_url, result_backend=None, quorum_queues=False, qu
         "worker_prefetch_multiplier": 1,
         # Late-ack tasks are redelivered when the connection drops; stop the running copy so it doesn't run twice.
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # Keep publishing through a broker restart (about 10 s) instead of Celery's default 0.6 s of retries,
+        # after which the signup's on_commit publish would log the error and the welcome email be lost.
+        "task_publish_retry_policy": PUBLISH_RETRY_POLICY,
         # Keep retrying when the broker is not up yet as a worker starts (the default changes in Celery 6).
         "broker_connection_retry_on_startup": True,
         # Bound every task so the redelivery timeouts below hold.
@@ -71,6 +80,12 @@ def build_celery_config(broker_url, result_backend=None, quorum_queues=False, qu
         "task_send_sent_event": True,
         "task_default_queue": DEFAULT_QUEUE,
         "task_routes": TASK_ROUTES,
+        "beat_schedule": {
+            "resend-pending-welcome-emails": {
+                "task": "users.tasks.resend_pending_welcome_emails",
+                "schedule": WELCOME_EMAIL_RESEND_EVERY,
+            },
+        },
     }
     if broker_name(broker_url) == "redis":
         if quorum_queues:

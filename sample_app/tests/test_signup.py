@@ -155,4 +155,6 @@ def test_api_signup_succeeds_when_broker_is_down(client, django_capture_on_commi
 
     assert response.status_code == 201
     assert "Connection refused" in caplog.text
+    # The email is still owed: resend_pending_welcome_emails sends it later.
+    assert WelcomeEmail.objects.get(email="ada@example.com").sent_at is None
     assert Event.objects.filter(name="signup").exists()  # the other task was still enqueued

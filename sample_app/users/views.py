@@ -12,6 +12,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from analytics.tasks import track_event
 
 from .forms import SignupForm
+from .models import WelcomeEmail
 from .tasks import send_welcome_email
 
 
@@ -23,6 +24,9 @@ def create_user(form):
     try:
         with transaction.atomic():
             user = form.save()
+            # The email owed, in the same transaction: if publishing fails below, the
+            # resend_pending_welcome_emails beat task sends it later.
+            WelcomeEmail.objects.create(email=user.email)
             event_id = str(uuid.uuid4())
             # robust: if the broker is unreachable, log it rather than fail a signup that is already saved.
             # (Lambdas, not functools.partial: Django's error log needs the callback's __qualname__.)
