@@ -15,9 +15,9 @@ MANAGE = "/usr/local/sbin/sample_app-manage"
 MAILDIR = "/home/sink/Maildir"
 FLOWER_USER, FLOWER_PASSWORD = "admin", "test-flower-Zu6tP4nQa2xL7kWs"
 EXPECTED = {
-    "email": {"queues": ["email"], "pool": "threads", "concurrency": 16},
-    "default": {"queues": ["analytics", "celery"], "pool": "prefork"},
-    "priority": {"queues": ["priority"], "pool": "prefork", "concurrency": 2},
+    "email": {"queues": ["email"], "pool": "threads", "concurrency": 16, "prefetch_multiplier": 4},
+    "default": {"queues": ["analytics", "celery"], "pool": "prefork", "prefetch_multiplier": 4},
+    "priority": {"queues": ["priority"], "pool": "prefork", "concurrency": 2, "prefetch_multiplier": 1},
 }
 UNITS = [f"celery-worker@{name}" for name in EXPECTED]
 
@@ -72,12 +72,15 @@ def test_each_worker_consumes_its_queues(host, nodename):
     assert consumed == {name: spec["queues"] for name, spec in EXPECTED.items()}
 
 
-def test_each_worker_runs_its_pool_and_concurrency(host, nodename):
+def test_each_worker_runs_its_pool_concurrency_and_prefetch(host, nodename):
     implementations = {"threads": "celery.concurrency.thread:TaskPool", "prefork": "celery.concurrency.prefork:TaskPool"}
     stats = inspect(host, "stats", nodename)
     for name, spec in EXPECTED.items():
         pool = stats[f"{name}@{nodename}"]["pool"]
         assert pool["implementation"] == implementations[spec["pool"]], name
+        # The broker lets each worker hold concurrency x prefetch multiplier unacked messages.
+        expected_prefetch = pool["max-concurrency"] * spec["prefetch_multiplier"]
+        assert stats[f"{name}@{nodename}"]["prefetch_count"] == expected_prefetch, name
         if "concurrency" in spec:
             assert pool["max-concurrency"] == spec["concurrency"], name
     # Prefork children are recycled and killed at the hard time limit (soft, hard).
