@@ -9,7 +9,7 @@ BENCH_VENV := .cache/bench-venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help toolchain host apt-cache sandbox deploy destroy lint molecule app-test test bench-deploy bench
+.PHONY: help toolchain host apt-cache sandbox deploy destroy lint molecule app-test test bench-deploy bench matrix
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -66,3 +66,6 @@ bench-deploy: sandbox ## warm site.yml re-run with this ansible.cfg vs an empty 
 bench: toolchain $(BENCH_VENV)/.installed ## Celery tasks/s and latency on the sandbox, RabbitMQ and Redis: bench/results.md
 	start=$$(date +%s) && ansible-playbook playbooks/bench.yml && \
 	  $(BENCH_VENV)/bin/python bench/report.py $$(( $$(date +%s) - start ))
+
+matrix: ## docs/broker-matrix.md from the e2e scenarios' last results (artifacts/) and bench/results.json
+	python3 scripts/broker_matrix.py

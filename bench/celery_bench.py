@@ -62,9 +62,6 @@ def make_app(broker_url, profile, queue):
     if profile.startswith("kit"):
         app.conf.update(kit_celery_config().build_celery_config(broker_url, queue_names=(queue,)))
         app.conf.task_routes = None
-    if profile == "kit-prefetch4":
-        # The kit's settings with Celery's default prefetch, to show what prefetch 1 costs.
-        app.conf.worker_prefetch_multiplier = 4
     app.conf.task_default_queue = queue
     app.conf.worker_hijack_root_logger = False
 
@@ -288,8 +285,10 @@ def kit_instance(env_dir, name):
     with open(os.path.join(env_dir, f"celery-worker-{name}.env")) as env_file:
         env = dict(line.strip().split("=", 1) for line in env_file if "=" in line and not line.startswith("#"))
     pool = env["CELERY_WORKER_POOL"]
-    # The prefork pool replaces its children after this many tasks, as the kit's unit asks.
-    options = [f"--max-tasks-per-child={env['CELERY_WORKER_MAX_TASKS_PER_CHILD']}"] if pool == "prefork" else []
+    # The unit's options: prefetch (the celery_worker role's), and for prefork the children's lifetime.
+    options = [f"--prefetch-multiplier={env['CELERY_WORKER_PREFETCH_MULTIPLIER']}"]
+    if pool == "prefork":
+        options.append(f"--max-tasks-per-child={env['CELERY_WORKER_MAX_TASKS_PER_CHILD']}")
     return pool, int(env["CELERY_WORKER_CONCURRENCY"]), options
 
 
@@ -309,7 +308,10 @@ def run(url_file, kit_env_dir):
         for kind in ("noop", "io"):
             cases.append(run_case(broker_url, run_dir, "defaults", kind, "prefork", cores))
             cases.append(run_case(broker_url, run_dir, "kit", kind, *kit[kind]))
-        cases.append(run_case(broker_url, run_dir, "kit-prefetch4", "io", *kit["io"]))
+        # The same worker with the app's own prefetch of 1, to show what the role's multiplier buys.
+        pool, concurrency, options = kit["io"]
+        prefetch1 = [option for option in options if not option.startswith("--prefetch")] + ["--prefetch-multiplier=1"]
+        cases.append(run_case(broker_url, run_dir, "kit-prefetch1", "io", pool, concurrency, prefetch1))
         result["cases"] = cases
         result["loadavg_after"] = loadavg()
     finally:

@@ -9,7 +9,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS=artifacts/test-logs
 JOBS=${CBK_TEST_JOBS:-2}
-rm -rf "$LOGS" && mkdir -p "$LOGS"
+# Results of the last run only: logs, and what the e2e scenarios measured (artifacts/*/e2e-*).
+rm -rf "$LOGS" artifacts/faults artifacts/features artifacts/security artifacts/browser && mkdir -p "$LOGS"
 
 step() {  # step NAME COMMAND...: runs it, logs it, writes its summary line
   local name=$1 start=$SECONDS result=pass
@@ -39,6 +40,10 @@ for scenario in "${scenarios[@]}"; do
   step "molecule-$scenario" molecule test -s "$scenario" --no-command-borders &
 done
 wait
+# The measured broker matrix, from what both full-stack scenarios just measured.
+if [ -f artifacts/faults/e2e-redis.json ] && [ -f artifacts/faults/e2e-rabbitmq.json ]; then
+  step broker-matrix python3 scripts/broker_matrix.py
+fi
 
 failed=0
 for result in "$LOGS"/*.result; do

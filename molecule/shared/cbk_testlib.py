@@ -1,6 +1,8 @@
 """Helpers shared by the testinfra suites of every Molecule scenario."""
 
+import functools
 import os
+from pathlib import Path
 import re
 
 import testinfra
@@ -23,6 +25,14 @@ def inventory_host(name):
     """A testinfra host for another instance of the scenario."""
     inventory = os.environ["MOLECULE_INVENTORY_FILE"]
     return testinfra.get_host(f"ansible://{name}?ansible_inventory={inventory}")
+
+
+@functools.cache
+def scenario_variables():
+    """The scenario's group_vars for all hosts, as written in its molecule.yml (untemplated)."""
+    import yaml
+
+    return yaml.safe_load((Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent / "group_vars" / "all").read_text())
 
 
 def other_hosts(host):

@@ -9,15 +9,23 @@ import time
 import uuid
 
 import pytest
-from cbk_testlib import address, direct, http_get, http_request, inventory_host, wait_for_maildir_message
+from cbk_testlib import (
+    address,
+    direct,
+    http_get,
+    http_request,
+    inventory_host,
+    scenario_variables,
+    wait_for_maildir_message,
+)
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BROKER = SCENARIO.removeprefix("e2e-")
 MAILDIR = "/home/sink/Maildir"
 WORKERS = "celery-worker@*.service"
-FLOWER = ("admin", "e2e-flower-Nq4aZ2xL7kWsHb3m")
-RABBITMQ_ADMIN = ("admin", "e2e-rabbitmq-admin-Jf5dR1gVeZu6tP4")
-RABBITMQ_APP = ("celery", "e2e-rabbitmq-app-Lr9sT4wYzHb3mK8c")
+FLOWER = ("admin", scenario_variables()["celery_worker_flower_password"])
+RABBITMQ_ADMIN = ("admin", scenario_variables()["rabbitmq_admin_password"])
+RABBITMQ_APP = ("celery", scenario_variables()["rabbitmq_app_password"])
 DELIVERY_SECONDS = 60
 
 
@@ -65,8 +73,13 @@ def sign_up(client, web_address):
     email = f"user-{token}@example.com"
     body = {"username": f"user-{token}", "email": email, "password": "Correct-Horse-Battery-Staple-4711"}
     response = http_request(
-        client, web_address, 80, "/api/signup/", method="POST",
-        headers={"Content-Type": "application/json", "Host": web_address}, body=json.dumps(body),
+        client,
+        web_address,
+        80,
+        "/api/signup/",
+        method="POST",
+        headers={"Content-Type": "application/json", "Host": web_address},
+        body=json.dumps(body),
     )
     assert response.status == 201, response.body
     return email

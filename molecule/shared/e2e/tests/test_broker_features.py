@@ -1,0 +1,90 @@
+"""What the broker does with the kit's settings, measured on the deployed stack: task
+priorities and dead-lettering of finally failed tasks. Results go to
+artifacts/features/<scenario>.json for docs/broker-matrix.md."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from cbk_testlib import direct, inventory_host
+
+SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
+BROKER = SCENARIO.removeprefix("e2e-")
+BACKEND = f"cbk-{SCENARIO}-debian12"
+FRONT = f"cbk-{SCENARIO}-debian13"
+MANAGE = "/usr/local/sbin/sample_app-manage"
+RESULTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "features" / f"{SCENARIO}.json"
+EACH = 10
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return direct(inventory_host(BACKEND))
+
+
+@pytest.fixture(scope="module")
+def front():
+    return direct(inventory_host(FRONT))
+
+
+def save(name, value):
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    RESULTS.write_text(json.dumps({**results, name: value}, indent=2) + "\n")
+
+
+def journal_lines(host, unit, since, needle):
+    out = host.check_output("journalctl --no-pager -o cat -u %s --since @%s", unit, str(int(since)))
+    return [line for line in out.splitlines() if needle in line]
+
+
+def test_priorities_with_a_backlog(backend, front):
+    """A backlog of priority 0 tasks, then priority 9 ones, waits for a stopped worker;
+    which does the worker run first?"""
+    for host in (backend, front):
+        host.check_output("systemctl stop celery-worker@priority")
+    backend.check_output(
+        "%s shell -c %s",
+        MANAGE,
+        "from analytics.tasks import priority_demo\n"
+        f"for i in range({EACH}):\n    priority_demo.apply_async(('prio-0',), priority=0)\n"
+        f"for i in range({EACH}):\n    priority_demo.apply_async(('prio-9',), priority=9)\n",
+    )
+    started = time.time() - 1
+    backend.check_output("systemctl start celery-worker@priority")
+    try:
+        deadline = time.monotonic() + 60
+        while len(ran := journal_lines(backend, "celery-worker@priority", started, "priority_demo: prio-")) < 2 * EACH:
+            assert time.monotonic() < deadline, f"only {len(ran)} of {2 * EACH} priority tasks ran"
+            time.sleep(1)
+    finally:
+        front.check_output("systemctl start celery-worker@priority")
+    first_half = [line.rsplit("prio-", 1)[1] for line in ran[:EACH]]
+    served_first = max(("0", "9"), key=first_half.count)
+    save("priority", {"first_half": first_half, "served_first": served_first})
+    # RabbitMQ (x-max-priority 9) serves 9 first; kombu's Redis priority steps serve 0 first.
+    assert served_first == {"rabbitmq": "9", "redis": "0"}[BROKER], first_half
+    assert first_half.count(served_first) >= EACH - 2, first_half
+
+
+def test_a_finally_failed_task_is_dead_lettered_on_rabbitmq_and_dropped_on_redis(backend, front):
+    """track_event with an id that is no UUID fails for good (it has no retries)."""
+    dead_letter = "rabbitmqctl list_queues -q -p celery name messages | awk '$1 == \"dead_letter\" {print $2}'"
+    before = int(backend.check_output(dead_letter) or 0) if BROKER == "rabbitmq" else 0
+    started = time.time() - 1
+    backend.check_output(
+        "%s shell -c %s", MANAGE, "from analytics.tasks import track_event\ntrack_event.delay('not-a-uuid', 'poison')"
+    )
+    deadline = time.monotonic() + 60
+    while not any(
+        journal_lines(host, "celery-worker@default", started, "ValidationError") for host in (backend, front)
+    ):
+        assert time.monotonic() < deadline, "the poison task did not fail within 60 s"
+        time.sleep(1)
+    time.sleep(2)
+    # Redis has no dead-lettering: the failed task is acknowledged and only the worker's log keeps it.
+    dead = int(backend.check_output(dead_letter) or 0) - before if BROKER == "rabbitmq" else 0
+    save("dead_letter", {"dead_lettered": dead})
+    assert dead == {"rabbitmq": 1, "redis": 0}[BROKER], f"{dead} messages reached dead_letter"

@@ -1,0 +1,357 @@
+"""Security probes: a stranger's container on the scenario network (the probe, see
+prepare.yml) tries every door of the deployed stack and must be refused. The probe may
+reach the web site, the broker port, the management UI and Flower like any client or
+operator, so what stops it there is authentication; every other listening port must be closed to it.
+Each probe is one line of the report: probe, expected, got (printed, and written to
+artifacts/security/<scenario>.txt). Secrets must not be readable by an unprivileged
+user on any host, nor appear in the -v output of the scenario's Ansible runs."""
+
+import json
+import os
+import re
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from cbk_testlib import address, direct, inventory_host, scenario_variables
+
+SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
+BROKER = SCENARIO.removeprefix("e2e-")
+PROBE = f"cbk-{SCENARIO}-probe"
+HOSTS = [f"cbk-{SCENARIO}-debian12", f"cbk-{SCENARIO}-debian13"]
+PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
+EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
+REPORT = PROJECT / "artifacts" / "security" / f"{SCENARIO}.txt"
+SECRET_VARIABLES = [
+    "postgresql_app_password",
+    "redis_app_password",
+    "redis_admin_password",
+    "redis_monitor_password",
+    "rabbitmq_app_password",
+    "rabbitmq_admin_password",
+    "rabbitmq_monitoring_password",
+    "django_app_secret_key",
+    "celery_worker_flower_password",
+]
+# Where services keep configuration, releases, state and runtime files.
+SEARCHED_DIRS = "/etc /opt /srv /var /home /root /usr/local /run /tmp"
+REFUSED = r"refused|timeout"  # a closed port: RST, or dropped by the firewall
+lines = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    """Print the probe table and keep it as an artifact, whatever the outcome."""
+    yield
+    table = [f"{'probe':62} {'expected':34} got", *lines]
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text("\n".join(table) + "\n")
+    print("\n" + "\n".join(table))
+
+
+def check(probes):
+    """Run (name, expected regex, probe spec) triples from the probe container; record
+    one report line each; fail naming every probe whose result did not match."""
+    specs = [spec for _, _, spec in probes]
+    out = subprocess.run(
+        ["docker", "exec", "-i", PROBE, "python3", "-c", PROBE_PROGRAM],
+        input=json.dumps(specs),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    results = json.loads(out.stdout)
+    failed = []
+    for (name, expected, _), got in zip(probes, results, strict=True):
+        ok = re.search(expected, got) is not None
+        lines.append(f"{name:62} {expected:34} {got}{'' if ok else '   <-- UNEXPECTED'}")
+        if not ok:
+            failed.append(f"{name}: expected {expected}, got {got}")
+    assert not failed, "\n".join(failed)
+
+
+PROBE_PROGRAM = (Path(__file__).parent.parent / "probe.py").read_text()
+
+
+@pytest.fixture(scope="module")
+def kit_hosts():
+    """{inventory name: (testinfra host over docker exec, address)}."""
+    hosts = {}
+    for name in HOSTS:
+        host = inventory_host(name)
+        hosts[name] = (direct(host), address(host))
+    return hosts
+
+
+@pytest.fixture(scope="module")
+def variables():
+    return scenario_variables()
+
+
+@pytest.fixture(scope="module")
+def secrets(variables):
+    """{name: value} of every secret of the scenario, the generated ones included."""
+    found = {name: str(variables[name]) for name in SECRET_VARIABLES}
+    for path in (EPHEMERAL / "secrets").glob("*"):
+        if path.is_file():
+            found[f"generated {path.name}"] = path.read_text().strip()
+    return found
+
+
+@pytest.fixture(scope="module")
+def broker_address(kit_hosts):
+    return kit_hosts[HOSTS[0]][1]
+
+
+@pytest.fixture(scope="module")
+def web_address(kit_hosts):
+    return kit_hosts[HOSTS[1]][1]
+
+
+def test_redis_refuses_strangers_and_limits_the_app_user(broker_address, variables):
+    if BROKER != "redis":
+        pytest.skip("Redis is not this scenario's broker")
+    app = {"username": "celery", "password": variables["redis_app_password"]}
+    spec = {"kind": "redis", "address": broker_address, "port": 6379}
+    probes = [
+        ("redis: PING without credentials", "NOAUTH|AuthenticationError", {**spec, "command": ["PING"]}),
+        (
+            "redis: default user, no password",
+            "WRONGPASS|AuthenticationError",
+            {**spec, "command": ["PING"], "username": "default", "password": ""},
+        ),
+        (
+            "redis: default user, the app's password",
+            "WRONGPASS|AuthenticationError",
+            {**spec, "command": ["PING"], "username": "default", "password": app["password"]},
+        ),
+        (
+            "redis: app user, wrong password",
+            "WRONGPASS|AuthenticationError",
+            {**spec, "command": ["PING"], "username": "celery", "password": "not-the-password-1234"},
+        ),
+        ("redis: app user PING (the door is the password)", "^ok", {**spec, **app, "command": ["PING"]}),
+    ]
+    for command in (
+        ["CONFIG", "GET", "requirepass"],
+        ["FLUSHALL"],
+        ["KEYS", "*"],
+        ["DEBUG", "SLEEP", "0"],
+        ["ACL", "LIST"],
+        ["SHUTDOWN", "ABORT"],
+        ["MODULE", "LIST"],
+        ["CLIENT", "LIST"],
+        ["SCRIPT", "FLUSH"],
+        ["EVAL", "return 1", "0"],
+        ["MIGRATE", "x", "1", "k", "0", "1"],
+    ):
+        # DEBUG and MODULE may also be refused to everyone, by the server's enable-*-command settings.
+        probes.append(
+            (
+                f"redis: app user runs {' '.join(command[:2])}",
+                "NoPermissionError|NOPERM|not allowed",
+                {**spec, **app, "command": command},
+            )
+        )
+    check(probes)
+
+
+def test_rabbitmq_refuses_guest_and_keeps_the_app_user_out_of_the_management_api(broker_address, variables):
+    if BROKER != "rabbitmq":
+        pytest.skip("RabbitMQ is not this scenario's broker")
+    api = f"http://{broker_address}:15672/api/overview"
+    app_password = variables["rabbitmq_app_password"]
+    amqp = {"kind": "amqp", "address": broker_address, "port": 5672}
+    check(
+        [
+            (
+                "rabbitmq: guest/guest over AMQP, vhost /",
+                "AccessRefused|ACCESS_REFUSED",
+                {**amqp, "username": "guest", "password": "guest", "vhost": "/"},
+            ),
+            (
+                "rabbitmq: guest/guest over AMQP, app vhost",
+                "AccessRefused|ACCESS_REFUSED",
+                {**amqp, "username": "guest", "password": "guest", "vhost": "celery"},
+            ),
+            (
+                "rabbitmq: app user, wrong password",
+                "AccessRefused|ACCESS_REFUSED",
+                {**amqp, "username": "celery", "password": "not-the-password-1234", "vhost": "celery"},
+            ),
+            (
+                "rabbitmq: app user on vhost / ",
+                "NotAllowed|AccessRefused|ACCESS_REFUSED|NOT_ALLOWED",
+                {**amqp, "username": "celery", "password": app_password, "vhost": "/"},
+            ),
+            (
+                "rabbitmq: app user on its vhost (the door is the password)",
+                "^ok",
+                {**amqp, "username": "celery", "password": app_password, "vhost": "celery"},
+            ),
+            ("rabbitmq: management API anonymous", "^401", {"kind": "http", "url": api}),
+            (
+                "rabbitmq: management API guest/guest",
+                "^401",
+                {"kind": "http", "url": api, "username": "guest", "password": "guest"},
+            ),
+            (
+                "rabbitmq: management API app user",
+                "^401",
+                {"kind": "http", "url": api, "username": "celery", "password": app_password},
+            ),
+            (
+                "rabbitmq: management API admin (control)",
+                "^200",
+                {"kind": "http", "url": api, "username": "admin", "password": variables["rabbitmq_admin_password"]},
+            ),
+        ]
+    )
+
+
+def test_flower_answers_its_admin_only(broker_address, variables):
+    api = f"http://{broker_address}:5555/api/workers"
+    http = {"kind": "http", "url": api}
+    check(
+        [
+            ("flower: API anonymous", "^401$", http),
+            (
+                "flower: API with the app's broker password",
+                "^401$",
+                {**http, "username": "admin", "password": variables[f"{BROKER}_app_password"]},
+            ),
+            (
+                "flower: API admin (control)",
+                "^200$",
+                {**http, "username": "admin", "password": variables["celery_worker_flower_password"]},
+            ),
+        ]
+    )
+
+
+def test_django_has_no_admin_and_no_debug_pages(web_address):
+    site = f"http://{web_address}"
+    page = {"kind": "http", "host": web_address}
+    check(
+        [
+            ("django: /admin/", "^404$", {**page, "url": f"{site}/admin/"}),
+            ("django: /admin/login/", "^404$", {**page, "url": f"{site}/admin/login/"}),
+            ("django: unknown page (debug 404 lists the URLs)", "^404$", {**page, "url": f"{site}/{uuid.uuid4().hex}"}),
+            (
+                "django: malformed signup JSON (debug 500 has a traceback)",
+                "^4\\d\\d$",
+                {**page, "url": f"{site}/api/signup/", "method": "POST", "body": "{not json"},
+            ),
+            (
+                "django: Host not allowed (debug page names ALLOWED_HOSTS)",
+                "^400$",
+                {"kind": "http", "url": f"{site}/signup/", "host": "attacker.example"},
+            ),
+            ("django: signup page (control)", "^200$", {**page, "url": f"{site}/signup/"}),
+        ]
+    )
+
+
+def test_postgresql_refuses_an_outside_host(broker_address, variables):
+    check(
+        [
+            (
+                "postgresql: app user from the probe",
+                "OperationalError",
+                {
+                    "kind": "postgres",
+                    "address": broker_address,
+                    "port": 5432,
+                    "username": "app",
+                    "password": variables["postgresql_app_password"],
+                    "dbname": "app",
+                },
+            ),
+        ]
+    )
+
+
+def listening_ports(host, own_address):
+    """{(address, port)} the host listens on beyond loopback, wildcards as its own address."""
+    found = set()
+    for line in host.check_output("ss -Hltn").splitlines():
+        local = line.split()[3]
+        ip, _, port = local.rpartition(":")
+        ip = ip.strip("[]").split("%")[0]
+        if ip in ("0.0.0.0", "*", "::"):
+            ip = own_address
+        if ip.startswith("127.") or ip == "::1" or ":" in ip:
+            continue
+        found.add((ip, int(port)))
+    return found
+
+
+def test_only_allow_listed_ports_answer_the_probe(kit_hosts, broker_address, web_address):
+    allowed = {(web_address, 80), (broker_address, 6379 if BROKER == "redis" else 5672)}
+    allowed.add((broker_address, 5555))  # Flower, behind its password
+    if BROKER == "rabbitmq":
+        allowed.add((broker_address, 15672))
+    probes = []
+    for name, (host, own_address) in kit_hosts.items():
+        for ip, port in sorted(listening_ports(host, own_address)):
+            expected = "open" if (ip, port) in allowed else REFUSED
+            probes.append(
+                (
+                    f"port {port} of {name.removeprefix(f'cbk-{SCENARIO}-')} ({ip})",
+                    expected,
+                    {"kind": "tcp", "address": ip, "port": port},
+                )
+            )
+    assert len(probes) > len(allowed), "the hosts list fewer ports than the probe may use"
+    check(probes)
+
+
+def test_no_secret_is_readable_by_an_unprivileged_user(kit_hosts, secrets):
+    patterns = "\n".join(secrets.values()) + "\n"
+    for name, (host, _) in kit_hosts.items():
+        short = name.removeprefix(f"cbk-{SCENARIO}-")
+        # Patterns on stdin: a secret on a command line would itself be world-readable.
+        files = subprocess.run(
+            [
+                "docker",
+                "exec",
+                "-i",
+                name,
+                "runuser",
+                "-u",
+                "nobody",
+                "--",
+                "grep",
+                "-rlsF",
+                "-f",
+                "-",
+                "--exclude-dir=apt",
+                "--exclude-dir=dpkg",
+                *SEARCHED_DIRS.split(),
+            ],
+            input=patterns,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.split()
+        lines.append(
+            f"{'files nobody can read on ' + short + ' holding a secret':62} {'none':34} {', '.join(files) or 'none'}"
+        )
+        command_lines = host.check_output("ps -eo args")
+        leaked = [secret for secret, value in secrets.items() if value in command_lines]
+        lines.append(
+            f"{'process command lines on ' + short + ' (ps) holding a secret':62} {'none':34} "
+            f"{', '.join(leaked) or 'none'}"
+        )
+        assert not files, f"{short}: secrets readable by nobody in {files}"
+        assert not leaked, f"{short}: secrets on process command lines: {leaked}"
+
+
+def test_no_secret_appears_in_the_verbose_ansible_output(secrets):
+    log = (EPHEMERAL / "ansible.log").read_text(errors="replace")
+    runs = log.count("PLAY RECAP")
+    assert runs >= 2, "the -v log of converge and idempotence is missing"
+    leaked = [name for name, value in secrets.items() if value in log]
+    lines.append(f"{f'secrets in the -v output of {runs} Ansible runs':62} {'none':34} {', '.join(leaked) or 'none'}")
+    assert not leaked, f"secrets printed by Ansible at -v: {leaked}"
