@@ -50,6 +50,10 @@ def report():
     print("\n" + "\n".join(table))
 
 
+def report_line(name, expected, got, ok):
+    lines.append(f"{name:62} {expected:34} {got}{'' if ok else '   <-- UNEXPECTED'}")
+
+
 def check(probes):
     """Run (name, expected regex, probe spec) triples from the probe container; record
     one report line each; fail naming every probe whose result did not match."""
@@ -65,7 +69,7 @@ def check(probes):
     failed = []
     for (name, expected, _), got in zip(probes, results, strict=True):
         ok = re.search(expected, got) is not None
-        lines.append(f"{name:62} {expected:34} {got}{'' if ok else '   <-- UNEXPECTED'}")
+        report_line(name, expected, got, ok)
         if not ok:
             failed.append(f"{name}: expected {expected}, got {got}")
     assert not failed, "\n".join(failed)
@@ -335,14 +339,11 @@ def test_no_secret_is_readable_by_an_unprivileged_user(kit_hosts, secrets):
             text=True,
             check=False,
         ).stdout.split()
-        lines.append(
-            f"{'files nobody can read on ' + short + ' holding a secret':62} {'none':34} {', '.join(files) or 'none'}"
-        )
+        report_line(f"files nobody can read on {short} holding a secret", "none", ", ".join(files) or "none", not files)
         command_lines = host.check_output("ps -eo args")
         leaked = [secret for secret, value in secrets.items() if value in command_lines]
-        lines.append(
-            f"{'process command lines on ' + short + ' (ps) holding a secret':62} {'none':34} "
-            f"{', '.join(leaked) or 'none'}"
+        report_line(
+            f"process command lines on {short} (ps) holding a secret", "none", ", ".join(leaked) or "none", not leaked
         )
         assert not files, f"{short}: secrets readable by nobody in {files}"
         assert not leaked, f"{short}: secrets on process command lines: {leaked}"
@@ -353,5 +354,5 @@ def test_no_secret_appears_in_the_verbose_ansible_output(secrets):
     runs = log.count("PLAY RECAP")
     assert runs >= 2, "the -v log of converge and idempotence is missing"
     leaked = [name for name, value in secrets.items() if value in log]
-    lines.append(f"{f'secrets in the -v output of {runs} Ansible runs':62} {'none':34} {', '.join(leaked) or 'none'}")
+    report_line(f"secrets in the -v output of {runs} Ansible runs", "none", ", ".join(leaked) or "none", not leaked)
     assert not leaked, f"secrets printed by Ansible at -v: {leaked}"
