@@ -9,8 +9,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS=artifacts/test-logs
 JOBS=${CBK_TEST_JOBS:-2}
-# Results of the last run only: logs, and what the e2e scenarios measured (artifacts/*/e2e-*).
-rm -rf "$LOGS" artifacts/faults artifacts/features artifacts/security artifacts/browser && mkdir -p "$LOGS"
+# Results of the last run only: logs, and what the full-stack scenarios measured.
+rm -rf "$LOGS" artifacts/faults artifacts/features artifacts/security artifacts/browser artifacts/switch && mkdir -p "$LOGS"
 
 step() {  # step NAME COMMAND...: runs it, logs it, writes its summary line
   local name=$1 start=$SECONDS result=pass
@@ -24,9 +24,9 @@ mode=${1:-all}
 shift || true
 scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] ||
-  # The full-stack e2e scenarios take longest: start them first so they do not run alone at the end.
+  # The full-stack scenarios (switch, e2e-*) take longest: start them first so they do not run alone at the end.
   mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename |
-    sort | sed -n '/^e2e-/p;/^e2e-/!H;${x;s/^\n//;p}')
+    sort -r | awk '/^(switch|e2e-)/ { print; next } { rest = $0 "\n" rest } END { printf "%s", rest }')
 
 total_start=$SECONDS
 if [ "$mode" = all ]; then

@@ -1,9 +1,13 @@
 """Helpers shared by the testinfra suites of every Molecule scenario."""
 
 import functools
+import json
 import os
-from pathlib import Path
 import re
+import subprocess
+import time
+import uuid
+from pathlib import Path
 
 import testinfra
 
@@ -35,6 +39,20 @@ def scenario_variables():
     return yaml.safe_load((Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent / "group_vars" / "all").read_text())
 
 
+def redis_admin(host, *command):
+    """A redis-cli command as the Redis role's admin user (password through the environment)."""
+    return host.check_output(
+        "REDISCLI_AUTH=%s redis-cli --user admin --no-auth-warning " + " ".join(["%s"] * len(command)),
+        scenario_variables()["redis_admin_password"],
+        *command,
+    )
+
+
+def e2e_broker(scenario):
+    """The broker a full-stack scenario deploys: e2e-rabbitmq RabbitMQ; switch starts on Redis."""
+    return "rabbitmq" if scenario == "e2e-rabbitmq" else "redis"
+
+
 def other_hosts(host):
     """Every other instance of the scenario, by inventory name."""
     own = host.backend.get_hostname()
@@ -56,9 +74,7 @@ def listen(host, port):
     """Start a throw-away TCP listener on the instance (idempotent)."""
     unit = f"probe-listener-{port}"
     if not host.service(unit).is_running:
-        host.check_output(
-            "systemd-run --unit %s --collect python3 -m http.server %s --bind 0.0.0.0", unit, str(port)
-        )
+        host.check_output("systemd-run --unit %s --collect python3 -m http.server %s --bind 0.0.0.0", unit, str(port))
     host.run_expect([0], "timeout 10 sh -c 'until ss -Htln \"sport = :%s\" | grep -q .; do sleep 0.2; done'", str(port))
 
 
@@ -86,8 +102,8 @@ def wait_for_maildir_message(host, maildir, needle, timeout=60):
     """Path of the first message in maildir/new or maildir/cur containing needle, polled for
     up to timeout seconds; None when none arrives."""
     found = host.run(
-        "timeout %s sh -c 'until f=$(grep -rlF -- \"$1\" \"$2/new\" \"$2/cur\" 2>/dev/null | head -n1) && [ -n \"$f\" ];"
-        " do sleep 0.5; done; echo \"$f\"' _ %s %s",
+        'timeout %s sh -c \'until f=$(grep -rlF -- "$1" "$2/new" "$2/cur" 2>/dev/null | head -n1) && [ -n "$f" ];'
+        ' do sleep 0.5; done; echo "$f"\' _ %s %s',
         str(timeout),
         needle,
         maildir,
@@ -131,15 +147,24 @@ class HTTPResponse:
         return json.loads(self.body)
 
 
-def http_request(client, address, port, path, method="GET", headers=None, body=None, unix_socket=None,
-                 user=None, timeout=10):
+def http_request(
+    client, address, port, path, method="GET", headers=None, body=None, unix_socket=None, user=None, timeout=10
+):
     """One HTTP/1.1 request sent from client with python3's http.client (no redirects followed),
     over TCP to address:port or over the unix socket unix_socket, optionally as user."""
     import json
 
     request = json.dumps(
-        {"address": address, "port": port, "path": path, "method": method, "headers": headers or {},
-         "body": body, "unix_socket": unix_socket, "timeout": timeout}
+        {
+            "address": address,
+            "port": port,
+            "path": path,
+            "method": method,
+            "headers": headers or {},
+            "body": body,
+            "unix_socket": unix_socket,
+            "timeout": timeout,
+        }
     )
     if user:
         out = client.check_output("runuser -u %s -- python3 -c %s %s", user, HTTP_REQUEST, request)
@@ -219,3 +244,92 @@ def amqp_login(client, url, ssl=None):
     import json
 
     return json.loads(client.check_output("python3 -c %s %s %s", AMQP_LOGIN, url, json.dumps(ssl or False)))
+
+
+# --- Signup load and the welcome emails it must produce (full-stack scenarios) ----------
+
+MAILDIR = "/home/sink/Maildir"
+
+# Runs in a scenario container: signs users up through nginx at a fixed rate, `count` of them
+# or, with count None, until its stdin closes; prints which addresses the web tier accepted
+# and what it said to the others.
+SIGNUP_LOAD = """
+import http.client, json, select, sys, time, uuid
+args = json.loads(sys.argv[1])
+accepted, refused = [], []
+start = time.monotonic()
+i = 0
+while args["count"] is None or i < args["count"]:
+    if args["count"] is None and select.select([sys.stdin], [], [], 0)[0] and not sys.stdin.read(1):
+        break
+    time.sleep(max(0, start + i / args["rate"] - time.monotonic()))
+    i += 1
+    token = uuid.uuid4().hex[:12]
+    email = f"{args['tag']}-{token}@example.com"
+    # A random password: a fixed one can be too similar to some address for Django's validator.
+    body = json.dumps({"username": f"u-{token}", "email": email, "password": f"Pw-{uuid.uuid4().hex}"})
+    try:
+        conn = http.client.HTTPConnection(args["address"], 80, timeout=60)
+        conn.request("POST", "/api/signup/", body, {"Content-Type": "application/json", "Host": args["address"]})
+        status = conn.getresponse().status
+    except OSError as error:
+        status = type(error).__name__
+    (accepted if status == 201 else refused).append([email, status])
+print(json.dumps({"accepted": [e for e, _ in accepted], "refused": refused}))
+"""
+
+# Runs on the mail sink's host: the Message-IDs the sink holds per recipient with a tag (a
+# copy sent again after a crash has the same Message-ID: one message to the recipient).
+MAILDIR_MESSAGES = """
+import collections, email, json, pathlib, sys
+messages = collections.defaultdict(list)
+for path in pathlib.Path(sys.argv[1]).glob("*/*"):
+    message = email.message_from_bytes(path.read_bytes())
+    if (message["To"] or "").startswith(sys.argv[2] + "-"):
+        messages[message["To"]].append(message["Message-ID"])
+print(json.dumps(messages))
+"""
+
+
+class SignupLoad:
+    """A signup load running in a scenario container while a test does something else."""
+
+    def __init__(self, container, web_address, tag, count=None, rate=15):
+        self.tag = f"{tag}{uuid.uuid4().hex[:6]}"  # this run's addresses only
+        args = json.dumps({"address": web_address, "tag": self.tag, "count": count, "rate": rate})
+        self.process = subprocess.Popen(
+            ["docker", "exec", "-i", container, "python3", "-c", SIGNUP_LOAD, args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.seconds = count / rate if count else 0
+
+    def result(self):
+        """Waits for the load (an open-ended one stops now) and returns what it got."""
+        out, _ = self.process.communicate(timeout=self.seconds + 120)
+        return {**json.loads(out), "tag": self.tag}
+
+
+def mail_messages(host, tag):
+    return json.loads(host.check_output("python3 -c %s %s %s", MAILDIR_MESSAGES, MAILDIR, tag))
+
+
+def settle_mail(host, load, seconds):
+    """Wait until every signup the load got accepted has its email (or the seconds pass),
+    then read the sink: {recipient: [Message-ID of each copy]}."""
+    deadline = time.monotonic() + seconds
+    while not all(email in mail_messages(host, load["tag"]) for email in load["accepted"]):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    time.sleep(5)  # a late copy would arrive now
+    return mail_messages(host, load["tag"])
+
+
+def mail_tally(load, messages):
+    """(lost addresses, addresses with two different messages, extra copies, messages)."""
+    lost = [email for email in load["accepted"] if email not in messages]
+    twice = [email for email, ids in messages.items() if len(set(ids)) > 1]
+    resent = sum(len(ids) - len(set(ids)) for ids in messages.values())
+    return lost, twice, resent, sum(len(set(ids)) for ids in messages.values())

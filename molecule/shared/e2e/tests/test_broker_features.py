@@ -8,14 +8,14 @@ import time
 from pathlib import Path
 
 import pytest
-from cbk_testlib import direct, inventory_host
+from cbk_testlib import direct, e2e_broker, inventory_host
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
-BROKER = SCENARIO.removeprefix("e2e-")
+BROKER = e2e_broker(SCENARIO)
 BACKEND = f"cbk-{SCENARIO}-debian12"
 FRONT = f"cbk-{SCENARIO}-debian13"
 MANAGE = "/usr/local/sbin/sample_app-manage"
-RESULTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "features" / f"{SCENARIO}.json"
+RESULTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "features" / f"e2e-{BROKER}.json"
 EACH = 10
 
 

@@ -10,14 +10,14 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cbk_testlib import address, direct, inventory_host, scenario_variables, wait_for_maildir_message
+from cbk_testlib import address, direct, e2e_broker, inventory_host, scenario_variables, wait_for_maildir_message
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
-BROKER = SCENARIO.removeprefix("e2e-")
+BROKER = e2e_broker(SCENARIO)
 PROBE = f"cbk-{SCENARIO}-probe"
 BACKEND = f"cbk-{SCENARIO}-debian12"
 FRONT = f"cbk-{SCENARIO}-debian13"
-SCREENSHOTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "browser" / SCENARIO
+SCREENSHOTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "browser" / f"e2e-{BROKER}"
 PROGRAM = (Path(__file__).parent.parent / "browser.py").read_text()
 
 

@@ -12,6 +12,7 @@ import pytest
 from cbk_testlib import (
     address,
     direct,
+    e2e_broker,
     http_get,
     http_request,
     inventory_host,
@@ -20,7 +21,7 @@ from cbk_testlib import (
 )
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
-BROKER = SCENARIO.removeprefix("e2e-")
+BROKER = e2e_broker(SCENARIO)
 MAILDIR = "/home/sink/Maildir"
 WORKERS = "celery-worker@*.service"
 FLOWER = ("admin", scenario_variables()["celery_worker_flower_password"])

@@ -14,15 +14,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cbk_testlib import address, direct, inventory_host, scenario_variables
+from cbk_testlib import address, direct, e2e_broker, inventory_host, scenario_variables
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
-BROKER = SCENARIO.removeprefix("e2e-")
+BROKER = e2e_broker(SCENARIO)
 PROBE = f"cbk-{SCENARIO}-probe"
 HOSTS = [f"cbk-{SCENARIO}-debian12", f"cbk-{SCENARIO}-debian13"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
-REPORT = PROJECT / "artifacts" / "security" / f"{SCENARIO}.txt"
+REPORT = PROJECT / "artifacts" / "security" / f"e2e-{BROKER}.txt"
 SECRET_VARIABLES = [
     "postgresql_app_password",
     "redis_app_password",

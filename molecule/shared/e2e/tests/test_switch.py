@@ -1,0 +1,369 @@
+"""The broker switch (molecule/switch, after the Redis end-to-end checks): bad input stops
+before any change; Redis -> RabbitMQ and back under a signup load, with tasks scheduled by
+countdown and a backlog on the old broker; then hybrid mode. Each switch is
+playbooks/switch_broker.yml, as an operator runs it. Every accepted signup must get exactly
+one email (one copy), every published task must run exactly once (its id in one
+"succeeded" line across the workers' journals), and the old broker must be empty after.
+Figures go to artifacts/switch/results.json and .txt (README.md, "Switching brokers")."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from cbk_testlib import SignupLoad, address, direct, inventory_host, mail_tally, redis_admin, settle_mail
+
+SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
+pytestmark = pytest.mark.skipif(SCENARIO != "switch", reason="the switch runs in molecule/switch only")
+
+PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
+INVENTORY = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
+BACKEND = f"cbk-{SCENARIO}-debian12"  # both brokers, database, mail sink, worker 1
+FRONT = f"cbk-{SCENARIO}-debian13"  # web, worker 2
+PROBE = f"cbk-{SCENARIO}-probe"
+MANAGE = "/usr/local/sbin/sample_app-manage"
+ENV_FILE = "/etc/sample_app/env"
+RESULTS = PROJECT / "artifacts" / "switch"
+QUEUES = ("celery", "email", "analytics", "priority")
+SCHEME = {"redis": "redis", "rabbitmq": "amqp"}
+BACKLOG = 300  # analytics tasks published on the old broker right before the switch
+COUNTDOWNS = (10, 30, 60, 90)  # seconds; several tasks each, held by the old broker's workers
+SIGNUP_RATE = 3  # per second, for the whole switch
+rows = []
+# Published before a switch and run by it (the task scheduled beyond the drain timeout).
+carried_over = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report():
+    yield
+    if not rows:
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    lines = [" | ".join(rows[0])] + [" | ".join(str(value) for value in row.values()) for row in rows]
+    (RESULTS / "results.txt").write_text("\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines))
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return direct(inventory_host(BACKEND))
+
+
+@pytest.fixture(scope="module")
+def front():
+    return direct(inventory_host(FRONT))
+
+
+@pytest.fixture(scope="module")
+def web_address():
+    return address(inventory_host(FRONT))
+
+
+@pytest.fixture(scope="module")
+def probe_address():
+    out = subprocess.check_output(
+        ["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", PROBE], text=True
+    )
+    return out.strip()
+
+
+def playbook(name, probe_address, *args, inventory=INVENTORY, interrupt_when=None):
+    """ansible-playbook playbooks/<name> on the scenario's hosts; its output goes to
+    artifacts/switch/<nn>-<the args>.log (default verbosity: no secret is printed).
+    With interrupt_when, the run is interrupted (SIGINT, as Ctrl-C) once that function
+    returns true, and run again to the end."""
+    env = {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(INVENTORY.parent / "ansible.cfg"),
+        "ANSIBLE_ROLES_PATH": str(PROJECT / "roles"),
+        "ANSIBLE_CALLBACK_RESULT_FORMAT": "yaml",
+        "ANSIBLE_VERBOSITY": "0",
+        "ANSIBLE_LOG_PATH": "/dev/null",
+    }
+    command = ["ansible-playbook", "-i", str(inventory), "-e", f"e2e_probe_address={probe_address}", *args]
+    command.append(str(PROJECT / "playbooks" / name))
+    started = time.monotonic()
+    output = ""
+    if interrupt_when:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        while process.poll() is None and not interrupt_when():
+            time.sleep(1)
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=120)[0] + "\n==== interrupted; run again ====\n"
+    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=2400)
+    result.seconds = time.monotonic() - started
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    playbook.runs += 1
+    log = "-".join(arg.split("=")[-1] for arg in args if not arg.startswith("-"))
+    (RESULTS / f"{playbook.runs:02d}-{log}.log").write_text(output + result.stdout)
+    return result
+
+
+playbook.runs = 0
+
+
+def broker_of(host):
+    """The scheme of the broker URL in the host's app settings (redis or amqp)."""
+    return host.check_output("sed -n 's/^CELERY_BROKER_URL=\"\\([a-z]*\\):.*/\\1/p' %s", ENV_FILE)
+
+
+def fingerprint(backend, front):
+    """What a refused switch must leave as it was: the app settings of both hosts and
+    whether RabbitMQ is installed."""
+    return (
+        front.check_output("sha256sum %s /etc/sample_app/celery-worker-*.env", ENV_FILE),
+        backend.check_output("sha256sum %s /etc/sample_app/celery-worker-*.env", ENV_FILE),
+        backend.run("dpkg-query -W -f '${Status}' rabbitmq-server").stdout,
+    )
+
+
+def publish(host, tag, count, countdown=None):
+    """Publishes track_event tasks from the host with its current settings; the task id is
+    the event id. Returns the ids."""
+    ids = [str(uuid.uuid4()) for _ in range(count)]
+    options = f", countdown={countdown}" if countdown else ""
+    host.check_output(
+        "%s shell -c %s",
+        MANAGE,
+        "from analytics.tasks import track_event\n"
+        f"for event_id in {ids!r}:\n"
+        f"    track_event.apply_async((event_id, {tag!r}), task_id=event_id{options})\n",
+    )
+    return ids
+
+
+def runs(hosts, ids, since):
+    """How often each task id succeeded, across the workers' journals since `since`."""
+    counts = dict.fromkeys(ids, 0)
+    for host in hosts:
+        out = host.check_output("journalctl --no-pager -o cat -u 'celery-worker@*' --since @%s", str(int(since)))
+        for line in out.splitlines():
+            if " succeeded in " in line and "track_event[" in line:
+                task_id = line.split("track_event[", 1)[1].split("]", 1)[0]
+                if task_id in counts:
+                    counts[task_id] += 1
+    return counts
+
+
+def wait_for_runs(hosts, ids, since, seconds=180):
+    deadline = time.monotonic() + seconds
+    while True:
+        counts = runs(hosts, ids, since)
+        if all(counts.values()) or time.monotonic() > deadline:
+            time.sleep(3)  # a second run would show up now
+            return runs(hosts, ids, since)
+        time.sleep(3)
+
+
+def waiting_on(backend, broker, queue):
+    """Messages waiting in the queue on the broker (every priority step of it on Redis)."""
+    if broker == "rabbitmq":
+        listed = backend.check_output("rabbitmqctl list_queues -q -p celery name messages")
+        return sum(int(n) for name, n in (line.split() for line in listed.splitlines()) if name == queue)
+    keys = redis_admin(backend, "--scan", "--pattern", f"{queue}*").split()
+    return sum(int(redis_admin(backend, "LLEN", key)) for key in keys if redis_admin(backend, "TYPE", key) == "list")
+
+
+def left_on(backend, broker):
+    """Messages the broker still holds for the app's queues: waiting plus unacknowledged.
+    A stopped RabbitMQ (celery_broker_retire=stop) is started to count and stopped again."""
+    if broker == "redis":
+        unacked = int(redis_admin(backend, "HLEN", "unacked"))
+        return sum(waiting_on(backend, broker, queue) for queue in QUEUES) + unacked
+    stopped = not backend.service("rabbitmq-server").is_running
+    backend.check_output("systemctl start rabbitmq-server")
+    try:
+        return sum(waiting_on(backend, broker, queue) for queue in QUEUES)
+    finally:
+        if stopped:
+            backend.check_output("systemctl stop rabbitmq-server")
+
+
+def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_path):
+    before = fingerprint(backend, front)
+
+    # The new broker's group is empty.
+    inventory = tmp_path / "inventory"
+    shutil.copytree(INVENTORY, inventory)
+    hosts_file = inventory / "hosts"  # Molecule writes the groups there
+    hosts = yaml.safe_load(hosts_file.read_text())
+    hosts["all"]["children"]["rabbitmq"]["hosts"] = {}
+    hosts_file.write_text(yaml.safe_dump(hosts))
+    result = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq", inventory=inventory)
+    assert result.returncode != 0
+    assert "inventory group 'rabbitmq' has no hosts" in result.stdout, result.stdout[-2000:]
+
+    # The old broker does not answer.
+    backend.check_output("systemctl stop redis-server")
+    try:
+        result = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq")
+    finally:
+        backend.check_output("systemctl start redis-server")
+    assert result.returncode != 0
+    assert "does not answer" in result.stdout and "Nothing was changed" in result.stdout, result.stdout[-2000:]
+
+    # A task scheduled beyond the drain timeout: --check lists it, a switch refuses.
+    # (Its countdown is short enough for the switch below, which must still run it once.)
+    late = publish(front, "switch-late", 1, countdown=150)
+    carried_over.extend(late)
+    time.sleep(3)  # a worker reserves it
+    report = playbook("switch_broker.yml", probe_address, "--check", "-e", "celery_broker=rabbitmq")
+    assert report.returncode == 0, report.stdout[-3000:]
+    assert "Broker switch to celery_broker=rabbitmq" in report.stdout and late[0] in report.stdout
+    result = playbook(
+        "switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq", "-e", "celery_broker_drain_timeout=30"
+    )
+    assert result.returncode != 0
+    assert "later than celery_broker_drain_timeout" in result.stdout and late[0] in result.stdout, result.stdout[-2000:]
+
+    assert fingerprint(backend, front) == before, "a refused switch changed the hosts"
+    assert broker_of(front) == "redis"
+
+
+@pytest.mark.parametrize(
+    "old, new, retire, interrupted",
+    [("redis", "rabbitmq", "keep", True), ("rabbitmq", "redis", "stop", False)],
+    ids=["redis-to-rabbitmq-interrupted", "rabbitmq-to-redis"],
+)
+def test_switch_under_load(backend, front, web_address, probe_address, old, new, retire, interrupted):
+    """The first switch is interrupted (Ctrl-C) once its drain workers run, before the workers
+    and the web move, and run again, which must finish it."""
+    hosts = (backend, front)
+    since = time.time() - 1
+    assert broker_of(front) == SCHEME[old]
+    # On the old broker, just before the switch: a backlog (the default workers stopped for
+    # it) and tasks scheduled by countdown, which its workers hold until they are due.
+    for host in hosts:
+        host.check_output("systemctl stop celery-worker@default")
+    backlog = publish(front, f"switch-{new}-backlog", BACKLOG)
+    for host in hosts:
+        host.check_output("systemctl start celery-worker@default")
+    scheduled = [task for countdown in COUNTDOWNS for task in publish(front, f"switch-{new}-eta", 5, countdown)]
+    load = SignupLoad(PROBE, web_address, f"switch{new}", rate=SIGNUP_RATE)
+    switch = playbook(
+        "switch_broker.yml",
+        probe_address,
+        "-e",
+        f"celery_broker={new}",
+        "-e",
+        f"celery_broker_retire={retire}",
+        interrupt_when=(lambda: backend.service("celery-worker@drain-main").is_running) if interrupted else None,
+    )
+    signups = load.result()
+    assert switch.returncode == 0, switch.stdout[-4000:]
+    # Published after the switch, from the new settings.
+    after = publish(front, f"switch-{new}-after", 20)
+
+    messages = settle_mail(backend, signups, 240)
+    lost, twice, resent, emails = mail_tally(signups, messages)
+    tasks = backlog + scheduled + after + carried_over
+    carried_over.clear()
+    counts = wait_for_runs(hosts, tasks, since)
+    never = [task for task, n in counts.items() if n == 0]
+    again = [task for task, n in counts.items() if n > 1]
+    recorded = int(
+        front.check_output(
+            "%s shell -c %s",
+            MANAGE,
+            f"from analytics.models import Event\nprint(Event.objects.filter(id__in={tasks!r}).count())",
+        ).split()[-1]
+    )
+    left = left_on(backend, old)
+    rows.append(
+        {
+            "switch": f"{old} -> {new} (old broker: {retire}{', interrupted, run again' if interrupted else ''})",
+            "seconds": round(switch.seconds),
+            "signups accepted": len(signups["accepted"]),
+            "refused": len(signups["refused"]),
+            "emails": emails,
+            "emails lost": len(lost),
+            "emails twice": len(twice) + resent,
+            "tasks sent": len(tasks),
+            "tasks run once": sum(1 for n in counts.values() if n == 1),
+            "tasks lost": len(never),
+            "tasks run twice": len(again),
+            "left on old broker": left,
+        }
+    )
+    assert not signups["refused"], f"the web tier refused signups during the switch: {signups['refused'][:5]}"
+    assert not lost and not twice and not resent, f"emails lost {lost[:3]}, twice {twice[:3]}, resent {resent}"
+    assert not never and not again, f"tasks never run: {never[:5]}; run more than once: {again[:5]}"
+    assert recorded == len(tasks), f"{len(tasks) - recorded} events missing in the database"
+    assert left == 0, f"{left} messages left on the old broker ({old})"
+    for host in hosts:
+        assert broker_of(host) == SCHEME[new]
+        assert host.run("ls /etc/systemd/system/ | grep -q 'celery-worker@drain-'").rc != 0, "drain workers left"
+        assert not host.file("/etc/sample_app/celery-drain.env").exists
+    old_unit = {"redis": "redis-server", "rabbitmq": "rabbitmq-server"}[old]
+    assert backend.service(old_unit).is_running == (retire == "keep"), f"celery_broker_retire={retire}"
+
+
+def test_hybrid_mode(backend, front, web_address, probe_address):
+    """celery_broker: hybrid puts email and priority on RabbitMQ and the other queues on
+    Redis; each worker instance consumes one broker."""
+    hosts = (backend, front)
+    since = time.time() - 1
+    switch = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=hybrid")
+    assert switch.returncode == 0, switch.stdout[-4000:]
+
+    # Where tasks wait while their workers are stopped: email on RabbitMQ, analytics on Redis.
+    for host in hosts:
+        host.check_output("systemctl stop celery-worker@email celery-worker@default")
+    try:
+        signups = SignupLoad(PROBE, web_address, "hybrid", count=20, rate=5).result()
+        events = publish(front, "hybrid", 20)
+        time.sleep(2)
+        placement = {
+            "email on RabbitMQ": waiting_on(backend, "rabbitmq", "email"),
+            "email on Redis": waiting_on(backend, "redis", "email"),
+            "analytics on Redis": waiting_on(backend, "redis", "analytics"),
+            "analytics on RabbitMQ": waiting_on(backend, "rabbitmq", "analytics"),
+        }
+    finally:
+        for host in hosts:
+            host.check_output("systemctl start celery-worker@email celery-worker@default")
+    messages = settle_mail(backend, signups, 240)
+    lost, twice, resent, _ = mail_tally(signups, messages)
+    counts = wait_for_runs(hosts, events, since)
+
+    # Which queues the workers of each app consume, asked through that app's broker.
+    consumers = {}
+    for module in ("myproject", "myproject.celery_hybrid"):
+        out = backend.check_output(
+            "CELERY_APP_MODULE=%s /usr/local/sbin/sample_app-celery inspect active_queues --json --timeout=5", module
+        )
+        consumers[module] = sorted({q["name"] for queues in json.loads(out).values() for q in queues})
+    rows.append(
+        {
+            "switch": "redis -> hybrid",
+            "seconds": round(switch.seconds),
+            "signups accepted": len(signups["accepted"]),
+            "refused": len(signups["refused"]),
+            "emails": len(messages),
+            "emails lost": len(lost),
+            "emails twice": len(twice) + resent,
+            "tasks sent": len(events),
+            "tasks run once": sum(1 for n in counts.values() if n == 1),
+            "tasks lost": sum(1 for n in counts.values() if n == 0),
+            "tasks run twice": sum(1 for n in counts.values() if n > 1),
+            "left on old broker": json.dumps(placement),
+        }
+    )
+    accepted = len(signups["accepted"])
+    assert placement == {
+        "email on RabbitMQ": accepted,
+        "email on Redis": 0,
+        "analytics on Redis": len(events),
+        "analytics on RabbitMQ": 0,
+    }
+    assert consumers == {"myproject": ["analytics", "celery"], "myproject.celery_hybrid": ["email", "priority"]}
+    assert not lost and not twice and not resent
+    assert all(n == 1 for n in counts.values()), counts
