@@ -126,12 +126,14 @@ if request["mode"] == "report":
     )
     raise SystemExit(0)
 
-end = time.monotonic() + request["timeout"]
+start = time.monotonic()
+end = start + request["timeout"]
 while True:
     print(f"old broker: {sum(waiting.values())} waiting, {len(held)} held by workers", flush=True)
     if unreachable and not request["abandon_unreachable"]:
         raise SystemExit(f"old broker unreachable: {', '.join(unreachable)}; re-run when it is back")
     if not sum(waiting.values()) and not held:
+        print(f"drained after {time.monotonic() - start:.0f} s")
         print("drained")
         break
     if time.monotonic() > end:

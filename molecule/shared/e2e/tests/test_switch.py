@@ -8,6 +8,7 @@ Figures go to artifacts/switch/results.json and .txt (README.md, "Switching brok
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +35,9 @@ QUEUES = ("celery", "email", "analytics", "priority")
 SCHEME = {"redis": "redis", "rabbitmq": "amqp"}
 BACKLOG = 300  # analytics tasks published on the old broker right before the switch
 COUNTDOWNS = (10, 30, 60, 90)  # seconds; several tasks each, held by the old broker's workers
+# The second switch also gets tasks due after its drain begins (and within the 600 s drain
+# timeout the switch checks): the drain must wait for them.
+LATE_COUNTDOWN = 480
 SIGNUP_RATE = 3  # per second, for the whole switch
 rows = []
 # Published before a switch and run by it (the task scheduled beyond the drain timeout).
@@ -163,6 +167,13 @@ def wait_for_runs(hosts, ids, since, seconds=180):
         time.sleep(3)
 
 
+def drain_figures(switch):
+    """From the drain's report in the run's output: (waiting, held) when it began, and its seconds."""
+    began = re.search(r"old broker: (\d+) waiting, (\d+) held by workers", switch.stdout)
+    took = re.search(r"drained after (\d+) s", switch.stdout)
+    return (tuple(map(int, began.groups())) if began else None), (int(took[1]) if took else None)
+
+
 def waiting_on(backend, broker, queue):
     """Messages waiting in the queue on the broker (every priority step of it on Redis)."""
     if broker == "rabbitmq":
@@ -246,7 +257,8 @@ def test_switch_under_load(backend, front, web_address, probe_address, old, new,
     backlog = publish(front, f"switch-{new}-backlog", BACKLOG)
     for host in hosts:
         host.check_output("systemctl start celery-worker@default")
-    scheduled = [task for countdown in COUNTDOWNS for task in publish(front, f"switch-{new}-eta", 5, countdown)]
+    countdowns = COUNTDOWNS if interrupted else (*COUNTDOWNS, LATE_COUNTDOWN)
+    scheduled = [task for countdown in countdowns for task in publish(front, f"switch-{new}-eta", 5, countdown)]
     load = SignupLoad(PROBE, web_address, f"switch{new}", rate=SIGNUP_RATE)
     switch = playbook(
         "switch_broker.yml",
@@ -259,6 +271,7 @@ def test_switch_under_load(backend, front, web_address, probe_address, old, new,
     )
     signups = load.result()
     assert switch.returncode == 0, switch.stdout[-4000:]
+    began, seconds = drain_figures(switch)
     # Published after the switch, from the new settings.
     after = publish(front, f"switch-{new}-after", 20)
 
@@ -291,8 +304,12 @@ def test_switch_under_load(backend, front, web_address, probe_address, old, new,
             "tasks lost": len(never),
             "tasks run twice": len(again),
             "left on old broker": left,
+            "drain began with (waiting, held)": began,
+            "drain seconds": seconds,
         }
     )
+    if not interrupted:
+        assert began and began[1] > 0, "the drain should have begun with scheduled tasks held on the old broker"
     assert not signups["refused"], f"the web tier refused signups during the switch: {signups['refused'][:5]}"
     assert not lost and not twice and not resent, f"emails lost {lost[:3]}, twice {twice[:3]}, resent {resent}"
     assert not never and not again, f"tasks never run: {never[:5]}; run more than once: {again[:5]}"
@@ -355,13 +372,15 @@ def test_hybrid_mode(backend, front, web_address, probe_address):
             "tasks lost": sum(1 for n in counts.values() if n == 0),
             "tasks run twice": sum(1 for n in counts.values() if n > 1),
             "left on old broker": json.dumps(placement),
+            "drain began with (waiting, held)": drain_figures(switch)[0],
+            "drain seconds": drain_figures(switch)[1],
         }
     )
     accepted = len(signups["accepted"])
     assert placement == {
         "email on RabbitMQ": accepted,
         "email on Redis": 0,
-        "analytics on Redis": len(events),
+        "analytics on Redis": len(events) + accepted,  # each signup also records a "signup" event
         "analytics on RabbitMQ": 0,
     }
     assert consumers == {"myproject": ["analytics", "celery"], "myproject.celery_hybrid": ["email", "priority"]}
