@@ -225,7 +225,12 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     # (Its countdown is short enough for the switch below, which must still run it once.)
     late = publish(front, "switch-late", 1, countdown=150)
     carried_over.extend(late)
-    time.sleep(3)  # a worker reserves it
+    # The check sees the scheduled tasks workers hold; after the broker stop above the workers
+    # may still be reconnecting (growing back-off), so wait until one holds this task.
+    deadline = time.monotonic() + 120
+    while late[0] not in front.check_output("/usr/local/sbin/sample_app-celery inspect scheduled --timeout=5 || true"):
+        assert time.monotonic() < deadline, "no worker reserved the scheduled task within 120 s"
+        time.sleep(2)
     report = playbook("switch_broker.yml", probe_address, "--check", "-e", "celery_broker=rabbitmq")
     assert report.returncode == 0, report.stdout[-3000:]
     assert "Broker switch to celery_broker=rabbitmq" in report.stdout and late[0] in report.stdout
