@@ -29,16 +29,17 @@ scenarios=("$@")
     sort -r | awk '/^(switch|e2e-)/ { print; next } { rest = $0 "\n" rest } END { printf "%s", rest }')
 
 total_start=$SECONDS
+for scenario in "${scenarios[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
+  step "molecule-$scenario" molecule test -s "$scenario" --no-command-borders &
+done
+# The linters and the app's tests run beside the last scenarios rather than before the first.
 if [ "$mode" = all ]; then
   step yamllint yamllint --strict .
   step ansible-lint ansible-lint --profile production
   step sample_app bash -c 'cd sample_app && .venv/bin/pytest -q'
   step ruff bash -c 'cd sample_app && .venv/bin/ruff check . && .venv/bin/ruff format --check .'
 fi
-for scenario in "${scenarios[@]}"; do
-  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
-  step "molecule-$scenario" molecule test -s "$scenario" --no-command-borders &
-done
 wait
 # The measured broker matrix, from what both full-stack scenarios just measured.
 if [ -f artifacts/faults/e2e-redis.json ] && [ -f artifacts/faults/e2e-rabbitmq.json ]; then
@@ -56,4 +57,9 @@ done
 printf '\n%-24s %-4s %7s\n' step result time
 cat "$LOGS"/*.result
 printf '%-24s %-4s %6ss\n' total "$([ $failed = 0 ] && echo pass || echo FAIL)" $((SECONDS - total_start))
+# Last, where a CI summary that keeps only the end of the output still shows it: why tests failed.
+for result in "$LOGS"/*.result; do
+  grep -q ' FAIL ' "$result" || continue
+  sed 's/\x1b\[[0-9;]*m//g' "${result%.result}.log" | grep -E '^(FAILED|ERROR) |^E   ' | cut -c1-200 | tail -n 8
+done
 exit $failed
