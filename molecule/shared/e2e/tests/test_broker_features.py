@@ -7,26 +7,13 @@ import os
 import time
 from pathlib import Path
 
-import pytest
-from cbk_testlib import direct, e2e_broker, inventory_host
+from cbk_testlib import e2e_broker
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BROKER = e2e_broker(SCENARIO)
-BACKEND = f"cbk-{SCENARIO}-debian12"
-FRONT = f"cbk-{SCENARIO}-debian13"
 MANAGE = "/usr/local/sbin/sample_app-manage"
 RESULTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "features" / f"e2e-{BROKER}.json"
 EACH = 10
-
-
-@pytest.fixture(scope="module")
-def backend():
-    return direct(inventory_host(BACKEND))
-
-
-@pytest.fixture(scope="module")
-def front():
-    return direct(inventory_host(FRONT))
 
 
 def save(name, value):

@@ -10,22 +10,19 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cbk_testlib import address, direct, e2e_broker, inventory_host, scenario_variables, wait_for_maildir_message
+from cbk_testlib import e2e_broker, scenario_variables, wait_for_maildir_message
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BROKER = e2e_broker(SCENARIO)
 PROBE = f"cbk-{SCENARIO}-probe"
-BACKEND = f"cbk-{SCENARIO}-debian12"
-FRONT = f"cbk-{SCENARIO}-debian13"
 SCREENSHOTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "browser" / f"e2e-{BROKER}"
 PROGRAM = (Path(__file__).parent.parent / "browser.py").read_text()
 
 
 @pytest.fixture(scope="module")
-def seen():
+def seen(backend, front, backend_address, web_address):
     """Run every browser check once from the probe; {check: {"ok", "saw"}}."""
     variables = scenario_variables()
-    backend_address, web_address = address(inventory_host(BACKEND)), address(inventory_host(FRONT))
     token = uuid.uuid4().hex[:10]
     request = {
         "screenshots": "/tmp",
@@ -46,7 +43,7 @@ def seen():
             "url": f"http://{backend_address}:5555",
             "username": "admin",
             "password": variables["celery_worker_flower_password"],
-            "workers": [f"@{direct(inventory_host(name)).check_output('uname -n')}" for name in (BACKEND, FRONT)],
+            "workers": [f"@{host.check_output('uname -n')}" for host in (backend, front)],
         },
     }
     out = subprocess.run(
@@ -63,10 +60,9 @@ def seen():
     return {**json.loads(out), "email": request["signup"]["email"]}
 
 
-def test_signup_form_confirms_and_the_email_arrives(seen):
+def test_signup_form_confirms_and_the_email_arrives(seen, backend):
     assert seen["signup"]["ok"], seen["signup"]["saw"]
     assert "signed up" in seen["signup"]["saw"]
-    backend = direct(inventory_host(BACKEND))
     assert wait_for_maildir_message(backend, "/home/sink/Maildir", seen["email"], timeout=60), (
         f"no welcome email to {seen['email']} after the browser signup"
     )

@@ -10,12 +10,9 @@ import uuid
 
 import pytest
 from cbk_testlib import (
-    address,
-    direct,
     e2e_broker,
     http_get,
     http_request,
-    inventory_host,
     scenario_variables,
     wait_for_maildir_message,
 )
@@ -28,44 +25,6 @@ FLOWER = ("admin", scenario_variables()["celery_worker_flower_password"])
 RABBITMQ_ADMIN = ("admin", scenario_variables()["rabbitmq_admin_password"])
 RABBITMQ_APP = ("celery", scenario_variables()["rabbitmq_app_password"])
 DELIVERY_SECONDS = 60
-
-
-def scenario_host(platform):
-    """(host for commands over docker exec, its address on the scenario network)."""
-    host = inventory_host(f"cbk-{SCENARIO}-{platform}")
-    return direct(host), address(host)
-
-
-@pytest.fixture(scope="module")
-def backend_host():
-    """Broker, database, mail sink and the first worker host (beat, Flower)."""
-    return scenario_host("debian12")
-
-
-@pytest.fixture(scope="module")
-def web_host():
-    """Web host and the second worker host."""
-    return scenario_host("debian13")
-
-
-@pytest.fixture(scope="module")
-def backend(backend_host):
-    return backend_host[0]
-
-
-@pytest.fixture(scope="module")
-def backend_address(backend_host):
-    return backend_host[1]
-
-
-@pytest.fixture(scope="module")
-def web(web_host):
-    return web_host[0]
-
-
-@pytest.fixture(scope="module")
-def web_address(web_host):
-    return web_host[1]
 
 
 def sign_up(client, web_address):
@@ -105,29 +64,29 @@ def test_signup_over_http_delivers_the_welcome_email(backend, web_address):
     assert "From: welcome@e2e.invalid" in message
 
 
-def test_flower_shows_the_workers_of_both_hosts_with_credentials_only(backend, backend_address, web):
+def test_flower_shows_the_workers_of_both_hosts_with_credentials_only(backend, backend_address, front):
     url = f"http://{backend_address}:5555/api/workers?refresh=1"
-    assert http_get(web, url)[0] == 401
-    assert http_get(web, url, FLOWER[0], "wrong-password-123456")[0] == 401
-    status, body = http_get(web, url, *FLOWER)
+    assert http_get(front, url)[0] == 401
+    assert http_get(front, url, FLOWER[0], "wrong-password-123456")[0] == 401
+    status, body = http_get(front, url, *FLOWER)
     assert status == 200
     hostnames = {name.split("@", 1)[1] for name in json.loads(body)}
-    assert hostnames == {backend.check_output("uname -n"), web.check_output("uname -n")}
+    assert hostnames == {backend.check_output("uname -n"), front.check_output("uname -n")}
 
 
-def test_rabbitmq_management_ui_answers_the_admin_only(backend_address, web):
+def test_rabbitmq_management_ui_answers_the_admin_only(backend_address, front):
     if BROKER != "rabbitmq":
         pytest.skip("the management UI belongs to RabbitMQ")
     url = f"http://{backend_address}:15672/api/queues/celery"
-    assert http_get(web, url)[0] == 401
-    assert http_get(web, url, *RABBITMQ_APP)[0] == 401
-    status, body = http_get(web, url, *RABBITMQ_ADMIN)
+    assert http_get(front, url)[0] == 401
+    assert http_get(front, url, *RABBITMQ_APP)[0] == 401
+    status, body = http_get(front, url, *RABBITMQ_ADMIN)
     assert status == 200
     assert {"email", "analytics", "celery"} <= {queue["name"] for queue in json.loads(body)}
 
 
 # Stops and restarts workers: keep last.
-@pytest.mark.parametrize("lost, survivor", [("backend", "web"), ("web", "backend")])
+@pytest.mark.parametrize("lost, survivor", [("backend", "front"), ("front", "backend")])
 def test_delivery_goes_on_when_one_worker_host_loses_its_workers(request, web_address, lost, survivor):
     lost, survivor = request.getfixturevalue(lost), request.getfixturevalue(survivor)
     backend = request.getfixturevalue("backend")

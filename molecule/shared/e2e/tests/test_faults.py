@@ -16,10 +16,7 @@ from pathlib import Path
 import pytest
 from cbk_testlib import (
     SignupLoad,
-    address,
-    direct,
     e2e_broker,
-    inventory_host,
     mail_tally,
     redis_admin,
     settle_mail,
@@ -27,8 +24,7 @@ from cbk_testlib import (
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BROKER = e2e_broker(SCENARIO)
-BACKEND = f"cbk-{SCENARIO}-debian12"  # broker, database, mail sink, worker 1
-FRONT = f"cbk-{SCENARIO}-debian13"  # web, worker 2
+BACKEND = f"cbk-{SCENARIO}-debian12"  # the signups come from here
 REPORT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "faults" / f"e2e-{BROKER}"
 WORKER_UNITS = "celery-worker@email celery-worker@default celery-worker@priority"
 BROKER_UNIT = {"redis": "redis-server", "rabbitmq": "rabbitmq-server"}[BROKER]
@@ -54,21 +50,6 @@ def report():
     ]
     REPORT.with_suffix(".txt").write_text("\n".join(table) + "\n")
     print("\n" + "\n".join(table))
-
-
-@pytest.fixture(scope="module")
-def backend():
-    return direct(inventory_host(BACKEND))
-
-
-@pytest.fixture(scope="module")
-def front():
-    return direct(inventory_host(FRONT))
-
-
-@pytest.fixture(scope="module")
-def web_address():
-    return address(inventory_host(FRONT))
 
 
 def signup_load(web_address, fault, count=SIGNUPS, rate=SIGNUP_RATE):

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cbk_testlib import SignupLoad, address, direct, inventory_host, mail_tally, redis_admin, settle_mail
+from cbk_testlib import SignupLoad, mail_tally, redis_admin, settle_mail
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 pytestmark = pytest.mark.skipif(SCENARIO != "switch", reason="the switch runs in molecule/switch only")
 
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 INVENTORY = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
-BACKEND = f"cbk-{SCENARIO}-debian12"  # both brokers, database, mail sink, worker 1
-FRONT = f"cbk-{SCENARIO}-debian13"  # web, worker 2
 PROBE = f"cbk-{SCENARIO}-probe"
 MANAGE = "/usr/local/sbin/sample_app-manage"
 ENV_FILE = "/etc/sample_app/env"
@@ -51,29 +49,6 @@ def report():
     lines = [" | ".join(rows[0])] + [" | ".join(str(value) for value in row.values()) for row in rows]
     (RESULTS / "results.txt").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines))
-
-
-@pytest.fixture(scope="module")
-def backend():
-    return direct(inventory_host(BACKEND))
-
-
-@pytest.fixture(scope="module")
-def front():
-    return direct(inventory_host(FRONT))
-
-
-@pytest.fixture(scope="module")
-def web_address():
-    return address(inventory_host(FRONT))
-
-
-@pytest.fixture(scope="module")
-def probe_address():
-    out = subprocess.check_output(
-        ["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", PROBE], text=True
-    )
-    return out.strip()
 
 
 def playbook(name, probe_address, *args, inventory=INVENTORY, interrupt_when=None):
