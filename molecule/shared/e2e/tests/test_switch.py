@@ -33,7 +33,7 @@ QUEUES = ("celery", "email", "analytics", "priority")
 SCHEME = {"redis": "redis", "rabbitmq": "amqp"}
 BACKLOG = 300  # analytics tasks published on the old broker right before the switch
 COUNTDOWNS = (10, 30, 60, 90)  # seconds; several tasks each, held by the old broker's workers
-SIGNUP_RATE = 3  # per second, for the whole switch
+SIGNUP_RATE = 1  # per second, for the whole switch (each one an email and an analytics task)
 rows = []
 # Published before a switch and run by it (the task scheduled beyond the drain timeout).
 carried_over = []
