@@ -41,8 +41,9 @@ class Broker:
             "monitor": variables["redis_monitor_password"],
         }
 
-    def cli(self, client, *args, user=None, password=None, tls=None, ca=PROBE_CA, port=None):
-        """redis-cli on client against this instance; stdout and stderr together."""
+    def cli(self, client, *args, user=None, password=None, tls=None, ca=PROBE_CA, port=None, stdin=()):
+        """redis-cli on client against this instance; stdout and stderr together. With stdin
+        (lines, one command each), redis-cli runs them on one connection."""
         tls = self.tls if tls is None else tls
         command = ["timeout", "10", "redis-cli", "--no-auth-warning", "-h", self.ip, "-p", str(port or self.port)]
         if tls:
@@ -52,7 +53,8 @@ class Broker:
             password = self.passwords[user] if password is None else password
         if password is not None:
             command = ["env", f"REDISCLI_AUTH={password}"] + command
-        result = client.run(" ".join(["%s"] * len(command + list(args))), *command, *args)
+        feed = "printf '%%s\\n' " + " ".join(["%s"] * len(stdin)) + " | " if stdin else ""
+        result = client.run(feed + " ".join(["%s"] * len(command + list(args))), *stdin, *command, *args)
         return (result.stdout + result.stderr).strip()
 
     def as_user(self, client, user, *args):
@@ -315,6 +317,24 @@ def test_kernel_settings_are_skipped_in_containers(node):
 
 
 # --- Durability (restarts Redis: keep last) -------------------------------------------------
+
+
+def test_app_transactions_survive_a_restart(node, peer, broker):
+    """kombu records each message a worker holds with MULTI/EXEC (its `unacked` hash).
+    Redis replays the AOF as the default user and drops a transaction that user may not
+    run, which would lose every held message at a restart (redis#14541)."""
+    key = f"cbk-test-unacked-{time.time_ns()}"
+    transaction = ["MULTI", f"HSET {key} tag message", f"ZADD {key}-index 1 tag", "EXEC"]
+    replies = broker.cli(peer, user="celery", stdin=transaction)
+    assert replies.splitlines()[-2:] == ["1", "1"], replies
+    restarted = int(time.time())
+    node.check_output("systemctl restart redis-server")
+    broker.wait_ready(peer)
+    assert broker.as_user(peer, "celery", "HGET", key, "tag") == "message"
+    assert broker.as_user(peer, "celery", "ZRANGE", f"{key}-index", "0", "-1") == "tag"
+    log = node.check_output("journalctl -u redis-server --no-pager -o cat --since @%s", str(restarted))
+    assert "AOF-loading-client" not in log, "Redis refused part of its append-only file at start"
+    broker.as_user(peer, "celery", "DEL", key, f"{key}-index")
 
 
 def test_queued_task_survives_a_restart(node, peer, broker):
