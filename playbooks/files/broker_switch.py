@@ -7,6 +7,10 @@
 #     scheduled with an ETA or countdown and whether the old broker answers.
 #   mode "drain": waits, at most `timeout` seconds, until the moving queues are empty on their
 #     old broker and no worker holds one of their tasks; exits 1 listing what is left.
+# Orphans: when a worker dies holding tasks (or forgets them when its Redis connection drops),
+# kombu keeps the messages in its `unacked` hash, to hand them out again only after
+# visibility_timeout (1 h). Both modes count them as held (with their ETA); the drain puts
+# them back in their queue at once.
 # The request (new broker URLs, so secret) comes on stdin as JSON; nothing printed carries a password.
 import json
 import re
@@ -18,9 +22,10 @@ from kombu import Connection
 from kombu.exceptions import ChannelError, OperationalError
 
 from myproject.celery import app
-from myproject.celery_config import QUEUE_NAMES
+from myproject.celery_config import QUEUE_NAMES, build_celery_config
 
 request = json.load(sys.stdin)
+ORPHAN_AFTER = 30  # seconds
 
 
 def read_env(path):
@@ -58,12 +63,39 @@ for queue in QUEUE_NAMES:
         moving[queue] = (was, now)
 
 
-def look(url, queues):
-    """Messages waiting in the queues on this broker, and the tasks of those queues that
-    workers connected to it hold: [(id, name, queue, eta or None)]."""
-    with Connection(url, connect_timeout=5) as connection:
+def orphans(connection, queues, held_ids):
+    """Redis only: delivered messages of the queues that no live worker holds, delivered
+    ORPHAN_AFTER seconds ago or more (a younger one may be on its way into a worker's
+    reserved list): {delivery tag: (id, name, queue, eta or None)}."""
+    channel = connection.default_channel
+    client = channel.client
+    found = {}
+    # Only commands the app's Redis user may run (roles/redis, redis_app_commands).
+    for tag, delivered in client.zrange(channel.unacked_index_key, 0, -1, withscores=True):
+        raw = client.hget(channel.unacked_key, tag)
+        if raw is None or time.time() - delivered < ORPHAN_AFTER:
+            continue  # acknowledged meanwhile, or too recent to tell
+        message, _exchange, queue = json.loads(raw)
+        headers = message["headers"]
+        if queue in queues and headers["id"] not in held_ids:
+            found[tag] = (headers["id"], headers["task"], queue, headers.get("eta"))
+    return found
+
+
+orphaned_before = {}  # broker URL -> delivery tags the previous look found orphaned there
+
+
+def look(url, queues, restore=False):
+    """Messages waiting in the queues on this broker, the tasks of those queues that workers
+    connected to it hold, orphans included: [(id, name, queue, eta or None)], and how many
+    of these are orphans.
+    With restore, orphans found by the previous look too go back to their queue: twice,
+    so that a live worker slow to answer one inspect does not lose its tasks to a copy."""
+    # The app's transport options: on Redis its priority steps, one list each, all counted.
+    options = build_celery_config(url)["broker_transport_options"]
+    with Connection(url, connect_timeout=5, transport_options=options) as connection:
         connection.ensure_connection(max_retries=1)
-        waiting = {}
+        waiting, orphaned = {}, 0
         for queue in queues:
             channel = connection.channel()
             try:
@@ -81,27 +113,40 @@ def look(url, queues):
                     queue = (task.get("delivery_info") or {}).get("routing_key")
                     if queue in queues:
                         held.append((task["id"], task["name"], queue, entry.get("eta")))
-    return waiting, held
+        if connection.transport.driver_type == "redis":
+            lost = orphans(connection, queues, {task[0] for task in held})
+            restored = set(lost) & orphaned_before.get(url, set()) if restore else set()
+            for tag, (task_id, name, queue, _) in lost.items():
+                if tag in restored:
+                    connection.default_channel.qos.restore_by_tag(tag)
+                    waiting[queue] += 1
+                    print(f"put back in {queue}: {name}[{task_id}], orphaned in Redis' unacked", flush=True)
+                else:
+                    held.append(lost[tag])
+                    orphaned += 1
+            orphaned_before[url] = set(lost) - restored
+    return waiting, held, orphaned
 
 
-def state():
+def state(restore=False):
     by_broker = {}
     for queue, (was, _) in moving.items():
         by_broker.setdefault(was, []).append(queue)
-    waiting, held, unreachable = {}, [], []
+    waiting, held, orphaned, unreachable = {}, [], 0, []
     for url, queues in by_broker.items():
         try:
-            broker_waiting, broker_held = look(url, queues)
+            broker_waiting, broker_held, broker_orphaned = look(url, queues, restore)
         except (OperationalError, OSError):
             unreachable.append(safe(url))
             continue
         waiting.update(broker_waiting)
         held += broker_held
-    return waiting, held, unreachable
+        orphaned += broker_orphaned
+    return waiting, held, orphaned, unreachable
 
 
 deadline = datetime.now(timezone.utc) + timedelta(seconds=request["timeout"])
-waiting, held, unreachable = state()
+waiting, held, orphaned, unreachable = state()
 if request["mode"] == "report":
     scheduled = [{"id": i, "name": n, "queue": q, "eta": e} for i, n, q, e in held if e]
     print(
@@ -118,6 +163,7 @@ if request["mode"] == "report":
                 },
                 "waiting": waiting,
                 "held": len(held),
+                "orphaned": orphaned,
                 "scheduled": scheduled,
                 "late": [task for task in scheduled if due(task["eta"]) > deadline],
                 "unreachable": unreachable,
@@ -143,4 +189,4 @@ while True:
             "its drain workers keep running, nothing was lost: re-run the playbook later"
         )
     time.sleep(2)
-    waiting, held, unreachable = state()
+    waiting, held, orphaned, unreachable = state(restore=True)

@@ -186,9 +186,20 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     assert result.returncode != 0
     assert "inventory group 'rabbitmq' has no hosts" in result.stdout, result.stdout[-2000:]
 
-    # The old broker does not answer. (Before the scheduled task below: a worker holding an
-    # ETA task when its Redis connection drops forgets it, and Redis hands the message out again
-    # only after visibility_timeout, 1 h.)
+    # A task scheduled beyond the drain timeout (but within the switch below, which must
+    # still run it once), held by a worker that then dies: Redis keeps the message in its
+    # `unacked` hash, where only visibility_timeout (1 h) would bring it back: an orphan.
+    late = publish(front, "switch-late", 1, countdown=150)
+    published = time.monotonic()
+    carried_over.extend(late)
+    deadline = time.monotonic() + 120
+    while late[0] not in front.check_output("/usr/local/sbin/sample_app-celery inspect scheduled --timeout=5 || true"):
+        assert time.monotonic() < deadline, "no worker reserved the scheduled task within 120 s"
+        time.sleep(2)
+    for host in (backend, front):
+        host.check_output("systemctl kill --signal=SIGKILL celery-worker@default")  # systemd restarts it
+
+    # The old broker does not answer.
     backend.check_output("systemctl stop redis-server")
     try:
         result = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq")
@@ -197,19 +208,25 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     assert result.returncode != 0
     assert "does not answer" in result.stdout and "Nothing was changed" in result.stdout, result.stdout[-2000:]
 
-    # A task scheduled beyond the drain timeout: --check lists it, a switch refuses.
-    # (Its countdown is short enough for the switch below, which must still run it once.)
-    late = publish(front, "switch-late", 1, countdown=150)
-    carried_over.extend(late)
-    # The check sees the scheduled tasks workers hold: wait until one has taken this one
-    # (the workers are reconnecting after the broker stop, with a growing back-off).
-    deadline = time.monotonic() + 120
-    while late[0] not in front.check_output("/usr/local/sbin/sample_app-celery inspect scheduled --timeout=5 || true"):
-        assert time.monotonic() < deadline, "no worker reserved the scheduled task within 120 s"
-        time.sleep(2)
-    report = playbook("switch_broker.yml", probe_address, "--check", "-e", "celery_broker=rabbitmq")
+    # --check counts what waits (at the app's default priority, one of Redis' priority lists)
+    # and lists the orphan (one delivered 30 s ago or more) by its ETA; a switch refuses.
+    for host in (backend, front):
+        host.check_output("systemctl stop celery-worker@default")
+    try:
+        queued = publish(front, "switch-waiting", 5)
+        queued_at = time.time() - 1
+        time.sleep(max(0, published + 35 - time.monotonic()))
+        report = playbook("switch_broker.yml", probe_address, "--check", "-e", "celery_broker=rabbitmq")
+    finally:
+        for host in (backend, front):
+            host.check_output("systemctl start celery-worker@default")
     assert report.returncode == 0, report.stdout[-3000:]
     assert "Broker switch to celery_broker=rabbitmq" in report.stdout and late[0] in report.stdout
+    waiting = re.search(r"analytics'+: (\d+)", report.stdout)
+    assert waiting and int(waiting[1]) >= 5, report.stdout[-3000:]
+    orphaned = re.search(r"orphaned\s+in\s+Redis.*?:\s+(\d+)", report.stdout, re.S)
+    assert orphaned and int(orphaned[1]) >= 1, report.stdout[-3000:]
+    assert set(wait_for_runs((backend, front), queued, queued_at).values()) == {1}
     result = playbook(
         "switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq", "-e", "celery_broker_drain_timeout=30"
     )
@@ -257,6 +274,9 @@ def test_switch_under_load(backend, front, web_address, probe_address, old, new,
 
     messages = settle_mail(backend, signups, 240)
     lost, twice, resent, emails = mail_tally(signups, messages)
+    # The task the bad-input step orphaned (its worker lost the old broker): the drain put it back.
+    put_back = re.findall(r"put\s+back\s+in\s+\w+:\s+\S+\[([0-9a-f-]+)\]", switch.stdout)
+    unrestored = [task for task in carried_over if task not in put_back]
     tasks = backlog + scheduled + after + carried_over
     carried_over.clear()
     counts = wait_for_runs(hosts, tasks, since)
@@ -291,6 +311,7 @@ def test_switch_under_load(backend, front, web_address, probe_address, old, new,
     assert not signups["refused"], f"the web tier refused signups during the switch: {signups['refused'][:5]}"
     assert not lost and not twice and not resent, f"emails lost {lost[:3]}, twice {twice[:3]}, resent {resent}"
     assert not never and not again, f"tasks never run: {never[:5]}; run more than once: {again[:5]}"
+    assert not unrestored, f"the drain did not put these orphans back in their queue: {unrestored}"
     assert recorded == len(tasks), f"{len(tasks) - recorded} events missing in the database"
     assert left == 0, f"{left} messages left on the old broker ({old})"
     for host in hosts:
