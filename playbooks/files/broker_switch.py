@@ -10,7 +10,7 @@
 # Orphans: when a worker dies holding tasks (or forgets them when its Redis connection drops),
 # kombu keeps the messages in its `unacked` hash, to hand them out again only after
 # visibility_timeout (1 h). Both modes count them as held (with their ETA); the drain puts
-# them back in their queue at once.
+# them back in their queue, where its drain workers run them.
 # The request (new broker URLs, so secret) comes on stdin as JSON; nothing printed carries a password.
 import json
 import re
@@ -70,27 +70,30 @@ def orphans(connection, queues, held_ids):
     channel = connection.default_channel
     client = channel.client
     found = {}
-    # Only commands the app's Redis user may run (roles/redis, redis_app_commands).
+    # Only commands the app's Redis user may run (roles/redis, redis_app_acl_commands).
     for tag, delivered in client.zrange(channel.unacked_index_key, 0, -1, withscores=True):
         raw = client.hget(channel.unacked_key, tag)
         if raw is None or time.time() - delivered < ORPHAN_AFTER:
             continue  # acknowledged meanwhile, or too recent to tell
         message, _exchange, queue = json.loads(raw)
-        headers = message["headers"]
-        if queue in queues and headers["id"] not in held_ids:
-            found[tag] = (headers["id"], headers["task"], queue, headers.get("eta"))
+        headers = message.get("headers") or {}
+        if queue in queues and headers.get("id") and headers["id"] not in held_ids:
+            found[tag] = (headers["id"], headers.get("task"), queue, headers.get("eta"))
     return found
 
 
-orphaned_before = {}  # broker URL -> delivery tags the previous look found orphaned there
+# Per broker URL, from the previous look: the delivery tags found orphaned, and the workers
+# that answered every inspect.
+orphaned_before, answered_before = {}, {}
 
 
 def look(url, queues, restore=False):
     """Messages waiting in the queues on this broker, the tasks of those queues that workers
     connected to it hold, orphans included: [(id, name, queue, eta or None)], and how many
     of these are orphans.
-    With restore, orphans found by the previous look too go back to their queue: twice,
-    so that a live worker slow to answer one inspect does not lose its tasks to a copy."""
+    With restore, orphans found by the previous look too go back to their queue, unless a
+    worker that answered then is silent now: a live worker slow to answer must not have
+    its tasks run a second time."""
     # The app's transport options: on Redis its priority steps, one list each, all counted.
     options = build_celery_config(url)["broker_transport_options"]
     with Connection(url, connect_timeout=5, transport_options=options) as connection:
@@ -105,9 +108,11 @@ def look(url, queues, restore=False):
             finally:
                 channel.close()
         inspect = app.control.inspect(timeout=3, connection=connection)
-        held = []
+        held, answered = [], None
         for kind in ("active", "reserved", "scheduled"):
-            for tasks in (getattr(inspect, kind)() or {}).values():
+            replies = getattr(inspect, kind)() or {}
+            answered = set(replies) if answered is None else answered & set(replies)
+            for tasks in replies.values():
                 for entry in tasks:
                     task = entry.get("request", entry)
                     queue = (task.get("delivery_info") or {}).get("routing_key")
@@ -115,7 +120,8 @@ def look(url, queues, restore=False):
                         held.append((task["id"], task["name"], queue, entry.get("eta")))
         if connection.transport.driver_type == "redis":
             lost = orphans(connection, queues, {task[0] for task in held})
-            restored = set(lost) & orphaned_before.get(url, set()) if restore else set()
+            steady = answered_before.get(url, set()) <= answered
+            restored = set(lost) & orphaned_before.get(url, set()) if restore and steady else set()
             for tag, (task_id, name, queue, _) in lost.items():
                 if tag in restored:
                     connection.default_channel.qos.restore_by_tag(tag)
@@ -125,6 +131,7 @@ def look(url, queues, restore=False):
                     held.append(lost[tag])
                     orphaned += 1
             orphaned_before[url] = set(lost) - restored
+            answered_before[url] = answered
     return waiting, held, orphaned
 
 
@@ -175,7 +182,9 @@ if request["mode"] == "report":
 start = time.monotonic()
 end = start + request["timeout"]
 while True:
-    print(f"old broker: {sum(waiting.values())} waiting, {len(held)} held by workers", flush=True)
+    print(
+        f"old broker: {sum(waiting.values())} waiting, {len(held)} held by workers ({orphaned} orphaned)", flush=True
+    )
     if unreachable and not request["abandon_unreachable"]:
         raise SystemExit(f"old broker unreachable: {', '.join(unreachable)}; re-run when it is back")
     if not sum(waiting.values()) and not held:

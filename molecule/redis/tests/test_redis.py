@@ -324,17 +324,22 @@ def test_app_transactions_survive_a_restart(node, peer, broker):
     Redis replays the AOF as the default user and drops a transaction that user may not
     run, which would lose every held message at a restart (redis#14541)."""
     key = f"cbk-test-unacked-{time.time_ns()}"
+    # That user may run everything, so it must stay unusable: off, no empty password.
+    default = broker.as_user(peer, "admin", "ACL", "GETUSER", "default").splitlines()
+    assert "off" in default and "nopass" not in default, default
     transaction = ["MULTI", f"HSET {key} tag message", f"ZADD {key}-index 1 tag", "EXEC"]
-    replies = broker.cli(peer, user="celery", stdin=transaction)
-    assert replies.splitlines()[-2:] == ["1", "1"], replies
-    restarted = int(time.time())
-    node.check_output("systemctl restart redis-server")
-    broker.wait_ready(peer)
-    assert broker.as_user(peer, "celery", "HGET", key, "tag") == "message"
-    assert broker.as_user(peer, "celery", "ZRANGE", f"{key}-index", "0", "-1") == "tag"
-    log = node.check_output("journalctl -u redis-server --no-pager -o cat --since @%s", str(restarted))
-    assert "AOF-loading-client" not in log, "Redis refused part of its append-only file at start"
-    broker.as_user(peer, "celery", "DEL", key, f"{key}-index")
+    try:
+        replies = broker.cli(peer, user="celery", stdin=transaction)
+        assert replies.splitlines()[-2:] == ["1", "1"], replies
+        restarted = int(time.time())
+        node.check_output("systemctl restart redis-server")
+        broker.wait_ready(peer)
+        assert broker.as_user(peer, "celery", "HGET", key, "tag") == "message"
+        assert broker.as_user(peer, "celery", "ZRANGE", f"{key}-index", "0", "-1") == "tag"
+        log = node.check_output("journalctl -u redis-server --no-pager -o cat --since @%s", str(restarted))
+        assert "AOF-loading-client" not in log, "Redis refused part of its append-only file at start"
+    finally:
+        broker.as_user(peer, "celery", "DEL", key, f"{key}-index")
 
 
 def test_queued_task_survives_a_restart(node, peer, broker):
