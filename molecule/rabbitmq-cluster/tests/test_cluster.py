@@ -1,0 +1,204 @@
+"""rabbitmq-cluster: three nodes form one cluster; quorum queues survive the loss of their leader.
+
+The failover test runs two Celery workers and a publisher on the docker host (ha_testlib), with
+the sample app's settings for the three-node URL list, stops the node leading the task queue
+part-way through the load, and then checks every task sent ran, and how often.
+"""
+
+import json
+import socket
+import subprocess
+import time
+
+import pytest
+from cbk_testlib import scenario_variables, tcp_probe
+from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad
+
+testinfra_hosts = ["ansible://rabbitmq"]
+
+NODES = {f"rabbit@cbk-rabbitmq-cluster-{n}": f"172.30.61.1{n}" for n in (1, 2, 3)}
+CLUSTER_PORTS = (4369, 25672)
+VHOST = "celery"
+DELIVERY_LIMIT = 5  # rabbitmq_app_delivery_limit in molecule.yml
+TASKS, PER_SECOND, STOP_AFTER = 300, 20, 100
+# A call to a node's HTTP API as the administrator ("admin:password" on stdin): path and JSON body
+# (POST) or null (GET) as arguments. rabbitmqctl list_queues hangs on this 3.10 cluster when not --local.
+API_CALL = """
+import base64, json, sys, urllib.request
+path, body = sys.argv[1], json.loads(sys.argv[2])
+request = urllib.request.Request(
+    "http://127.0.0.1:15672/api/" + path, method="POST" if body else "GET",
+    data=json.dumps(body).encode() if body else None,
+    headers={"Content-Type": "application/json",
+             "Authorization": "Basic " + base64.b64encode(sys.stdin.read().encode()).decode()})
+print(urllib.request.urlopen(request, timeout=20).read().decode())
+"""
+
+
+def container(node):
+    return node.split("@", 1)[1]
+
+
+def rabbitmqctl(node, *args):
+    """rabbitmqctl on one node's container, JSON output parsed."""
+    command = ["docker", "exec", container(node), "rabbitmqctl", "-q", *args, "--formatter", "json"]
+    return json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+
+
+def api(node, path, body=None):
+    login = f"admin:{scenario_variables()['rabbitmq_admin_password']}"
+    command = ["docker", "exec", "-i", container(node), "python3", "-c", API_CALL, path, json.dumps(body)]
+    return json.loads(subprocess.run(command, input=login, check=True, capture_output=True, text=True).stdout)
+
+
+def queues(node):
+    return {queue["name"]: queue for queue in api(node, f"queues/{VHOST}")}
+
+
+def wait_until(condition, timeout, what):
+    """condition()'s first true result; a node that does not answer yet (booting, electing) counts as false."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if result := condition():
+                return result
+            error = ""
+        except subprocess.CalledProcessError as exc:
+            error = f" (last error: {exc.stderr or exc})"
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}{error}"
+        time.sleep(2)
+
+
+def test_every_node_runs_in_one_cluster(host):
+    status = json.loads(host.check_output("rabbitmqctl cluster_status --formatter json"))
+    assert sorted(status["running_nodes"]) == sorted(NODES)
+    assert not status["partitions"]
+    assert status["cluster_name"] == "cbk-rabbitmq-cluster-1"
+
+
+def test_nodes_share_the_cookie_and_hide_it(host):
+    cookie = host.file("/var/lib/rabbitmq/.erlang.cookie")
+    assert (cookie.user, cookie.mode) == ("rabbitmq", 0o400)
+    digests = {
+        subprocess.run(
+            ["docker", "exec", container(node), "md5sum", "/var/lib/rabbitmq/.erlang.cookie"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()[0]
+        for node in NODES
+    }
+    assert len(digests) == 1
+
+
+@pytest.mark.parametrize("port", CLUSTER_PORTS)
+def test_cluster_ports_open_to_peers_only(host, port):
+    own = host.backend.get_hostname()
+    for node, ip in NODES.items():
+        if container(node) != own:
+            assert tcp_probe(host, ip, port) == "open", f"{own} cannot reach {node} on {port}"
+    # The docker host is a client (AMQP), not a peer.
+    with pytest.raises(OSError):
+        socket.create_connection((NODES[f"rabbit@{own}"], port), timeout=3).close()
+
+
+def test_app_queues_policy_dead_letters_after_the_delivery_limit():
+    node = next(iter(NODES))
+    policy = next(p for p in rabbitmqctl(node, "list_policies", "-p", VHOST) if p["name"] == "celery-dead-letter")
+    definition = json.loads(policy["definition"]) if isinstance(policy["definition"], str) else policy["definition"]
+    assert definition == {
+        "dead-letter-exchange": "celery.dlx",
+        "delivery-limit": DELIVERY_LIMIT,
+        "dead-letter-strategy": "at-least-once",
+        "overflow": "reject-publish",
+    }
+    assert queues(node)["dead_letter"]["type"] == "quorum"
+
+
+@pytest.fixture(scope="module")
+def load(tmp_path_factory):
+    variables = scenario_variables()
+    url = ";".join(f"amqp://celery:{variables['rabbitmq_app_password']}@{ip}:5672/{VHOST}" for ip in NODES.values())
+    ha = HALoad(tmp_path_factory.mktemp("ha"), url, quorum_queues=True)
+    ha.start_workers()
+    # The workers declare the task queue: a quorum queue with a member on each node.
+    node = next(iter(NODES))
+    wait_until(
+        lambda: sorted(queues(node).get("celery", {}).get("online", [])) == sorted(NODES),
+        120,
+        "the celery quorum queue",
+    )
+    yield ha
+    ha.stop_workers()
+
+
+def test_stopping_the_queue_leader_loses_no_task(load):
+    leader = queues(next(iter(NODES)))["celery"]["leader"]
+    survivor = next(node for node in NODES if node != leader)
+    stopped = {}
+
+    def stop_leader():
+        stopped["at"] = time.monotonic()
+        # systemd halts on SIGRTMIN+3: RabbitMQ stops as on a host shutdown.
+        subprocess.run(["docker", "stop", "--signal", "SIGRTMIN+3", "-t", "60", container(leader)], check=True)
+        stopped["took"] = time.monotonic() - stopped["at"]
+
+    try:
+        sent, refused = load.publish("ha.record", TASKS, PER_SECOND, after=STOP_AFTER, action=stop_leader)
+        runs = load.wait_for_runs(sent, timeout=180)
+        new_leader = wait_until(lambda: queues(survivor)["celery"]["leader"], 60, "a leader of the celery queue")
+    finally:
+        subprocess.run(["docker", "start", container(leader)], check=True)
+    lost = [task for task in sent if task not in runs]
+    twice = {task: count for task, count in runs.items() if count > 1}
+    report = {
+        "stopped": leader,
+        "stop_took_s": round(stopped["took"], 1),
+        "new_leader": new_leader,
+        "sent": len(sent),
+        "refused": refused,
+        "lost": len(lost),
+        "ran_more_than_once": len(twice),
+    }
+    (REPO / "artifacts" / "ha").mkdir(parents=True, exist_ok=True)
+    (REPO / "artifacts" / "ha" / "rabbitmq-cluster.json").write_text(json.dumps(report, indent=2) + "\n")
+    assert not refused and not lost, report
+    assert new_leader != leader
+    # At-least-once delivery: only tasks in flight on a lost channel may run again.
+    assert len(twice) <= WORKERS * CONCURRENCY * 2, report
+
+
+def test_stopped_node_rejoins_and_queues_regain_their_members():
+    node = next(iter(NODES))
+    wait_until(
+        lambda: sorted(rabbitmqctl(node, "cluster_status")["running_nodes"]) == sorted(NODES),
+        180,
+        "all three nodes running",
+    )
+    wait_until(
+        lambda: all(
+            sorted(queue["online"]) == sorted(NODES) for queue in queues(node).values() if queue["type"] == "quorum"
+        ),
+        120,
+        "every quorum queue with 3 members online",
+    )
+    for each in NODES:
+        subprocess.run(
+            ["docker", "exec", container(each), "rabbitmq-queues", "check_if_node_is_quorum_critical"],
+            check=True,
+            capture_output=True,
+        )
+
+
+def test_poison_message_ends_in_the_dead_letter_queue(load):
+    node = next(iter(NODES))
+    before = queues(node)["dead_letter"]["messages"]
+    sent, refused = load.publish("ha.crash", 1, PER_SECOND)
+    assert sent and not refused
+    wait_until(lambda: queues(node)["dead_letter"]["messages"] > before, 180, "the poison message dead-lettered")
+    assert 1 <= load.runs()[sent[0]] <= DELIVERY_LIMIT + 1
+    dead_letters = api(
+        node, f"queues/{VHOST}/dead_letter/get", {"count": 1000, "ackmode": "ack_requeue_true", "encoding": "auto"}
+    )
+    headers = next(m["properties"]["headers"] for m in dead_letters if m["properties"]["headers"]["id"] == sent[0])
+    assert headers["x-first-death-reason"] == "delivery_limit"

@@ -1,0 +1,73 @@
+"""Celery app of the HA failover tests: workers and publisher on the docker host, brokers in the scenario.
+
+The settings are the sample app's (build_celery_config), for the broker URL list in HA_BROKER_URL.
+Every execution of ``ha.record`` is logged in the SQLite file HA_DB, so a test can tell a task lost
+(never run) from one run twice; ``ha.crash`` kills its worker process, as a poison message would.
+"""
+
+import importlib.util
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from celery import Celery
+
+# The sample app's settings module on its own: importing the myproject package would set up Django.
+_spec = importlib.util.spec_from_file_location(
+    "celery_config", Path(__file__).resolve().parents[3] / "sample_app" / "myproject" / "celery_config.py"
+)
+celery_config = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(celery_config)
+
+DB = os.environ["HA_DB"]
+# Long enough that a failover catches tasks in flight.
+TASK_SECONDS = 0.3
+
+app = Celery("ha")
+app.config_from_object(
+    celery_config.build_celery_config(
+        os.environ["HA_BROKER_URL"],
+        quorum_queues=os.environ.get("HA_QUORUM_QUEUES") == "true",
+        # The only queue the workers consume (ha_testlib).
+        queue_names=["celery"],
+        sentinel=json.loads(os.environ.get("HA_SENTINEL", "null")),
+    )
+)
+
+
+def connect():
+    db = sqlite3.connect(DB, timeout=60)
+    db.execute("CREATE TABLE IF NOT EXISTS runs (task TEXT NOT NULL, worker TEXT, at REAL)")
+    return db
+
+
+@app.task(name="ha.record", bind=True)
+def record(self):
+    time.sleep(TASK_SECONDS)
+    with connect() as db:
+        db.execute("INSERT INTO runs VALUES (?, ?, ?)", (self.request.id, self.request.hostname, time.time()))
+
+
+@app.task(name="ha.crash", bind=True)
+def crash(self):
+    with connect() as db:
+        db.execute("INSERT INTO runs VALUES (?, ?, ?)", (self.request.id, self.request.hostname, time.time()))
+    os._exit(1)
+
+
+def publish(task, count, per_second):
+    """Send ``count`` tasks, printing one JSON line per publish: {"sent": id} or {"refused": error}."""
+    for _ in range(count):
+        try:
+            print(json.dumps({"sent": app.send_task(task).id}), flush=True)
+        except Exception as exc:  # noqa: BLE001 - a refused publish is a result to report, not a crash
+            print(json.dumps({"refused": repr(exc)}), flush=True)
+        time.sleep(1 / per_second)
+
+
+if __name__ == "__main__":
+    import sys
+
+    publish(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))

@@ -1,0 +1,93 @@
+"""Task load for the HA scenarios' failover tests (molecule/rabbitmq-cluster, molecule/redis-sentinel).
+
+Workers and publisher run on the docker host from the sample app's venv (ha/ha_load.py); the brokers
+are the scenario's containers. A test starts the workers, publishes at a steady rate, stops a broker
+node part-way through, and then compares what was sent with what ran.
+"""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = REPO / "sample_app" / ".venv" / "bin" / "python"
+HA_DIR = Path(__file__).resolve().parent / "ha"
+WORKERS = 2
+CONCURRENCY = 4
+
+
+class HALoad:
+    """The Celery side of a failover test, for one broker URL list and its settings."""
+
+    def __init__(self, tmp_path, broker_url, quorum_queues=False, sentinel=None):
+        self.db = tmp_path / "runs.sqlite"
+        self.env = dict(
+            os.environ,
+            PYTHONPATH=str(HA_DIR),
+            HA_DB=str(self.db),
+            HA_BROKER_URL=broker_url,
+            HA_QUORUM_QUEUES="true" if quorum_queues else "false",
+            HA_SENTINEL=json.dumps(sentinel),
+        )
+        self.logs = tmp_path
+        self.workers = []
+
+    def start_workers(self):
+        for number in range(1, WORKERS + 1):
+            log = open(self.logs / f"worker{number}.log", "w")  # noqa: SIM115 - closed with the process
+            command = [
+                str(PYTHON),
+                "-m",
+                "celery",
+                "-A",
+                "ha_load",
+                "worker",
+                "-Q",
+                "celery",
+                "-c",
+                str(CONCURRENCY),
+                "-n",
+                f"ha{number}@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+            self.workers.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT))
+
+    def stop_workers(self):
+        for worker in self.workers:
+            worker.send_signal(signal.SIGTERM)
+        for worker in self.workers:
+            worker.wait(timeout=60)
+
+    def publish(self, task, count, per_second, after=None, action=None):
+        """Publish ``count`` tasks; run ``action()`` once ``after`` of them were sent. Returns (sent, refused)."""
+        command = [str(PYTHON), "-m", "ha_load", task, str(count), str(per_second)]
+        publisher = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, text=True)
+        sent, refused = [], []
+        for line in publisher.stdout:
+            outcome = json.loads(line)
+            sent.append(outcome["sent"]) if "sent" in outcome else refused.append(outcome["refused"])
+            if action and len(sent) + len(refused) == after:
+                action()
+        publisher.wait(timeout=60)
+        return sent, refused
+
+    def runs(self):
+        """{task id: executions} so far."""
+        if not self.db.exists():
+            return {}
+        with sqlite3.connect(self.db, timeout=60) as db:
+            return dict(db.execute("SELECT task, count(*) FROM runs GROUP BY task").fetchall())
+
+    def wait_for_runs(self, task_ids, timeout):
+        """Wait until every task in ``task_ids`` ran; return {task id: executions} of all runs."""
+        deadline = time.monotonic() + timeout
+        while True:
+            runs = self.runs()
+            if set(task_ids) <= runs.keys() or time.monotonic() > deadline:
+                return runs
+            time.sleep(2)
