@@ -173,7 +173,7 @@ def test_failover_elects_a_new_primary_that_has_the_data(failover):
     old = failover["primary"]
     keys = {f"ha-{uuid.uuid4().hex[:8]}": str(i) for i in range(5)}
     writes = cli(
-        other(old), NODES[old], REDIS_PORT, *[f"SET {k} {v}" for k, v in keys.items()], "WAIT 1 2000", user="celery"
+        other(old), NODES[old], REDIS_PORT, *[f"SET {k} {v}" for k, v in keys.items()], "WAIT 1 2000", user="admin"
     )
     assert writes[:5] == ["OK"] * 5 and int(writes[5]) >= 1, writes
     failover["pids"] = {name: main_pid(name) for name in NODES if name != old}
