@@ -9,7 +9,7 @@ BENCH_VENV := .cache/bench-venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help toolchain host apt-cache sandbox deploy destroy lint molecule app-test test bench-deploy bench matrix
+.PHONY: help toolchain host apt-cache sandbox deploy destroy lint molecule app-test test test-ha bench-deploy bench matrix
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ app-test: $(APP_VENV)/.installed ## sample_app's pytest suite
 
 test: apt-cache $(APP_VENV)/.installed ## lint + every Molecule scenario + sample_app tests, with a summary
 	bash scripts/run-tests.sh all
+
+test-ha: apt-cache $(APP_VENV)/.installed ## the HA scenarios: 3-node RabbitMQ cluster and Redis Sentinel, with failover under load
+	bash scripts/run-tests.sh ha
 
 bench-deploy: sandbox ## warm site.yml re-run with this ansible.cfg vs an empty one
 	bash scripts/bench-deploy.sh

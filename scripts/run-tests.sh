@@ -2,15 +2,27 @@
 # Runs the checks behind `make test` (or only the Molecule scenarios) and prints
 # one summary line per step: name, result, seconds. Logs go to artifacts/test-logs/;
 # a failing step's log tail is printed. Exits non-zero if any step failed.
-#   run-tests.sh all | run-tests.sh molecule [scenario ...]
+#   run-tests.sh all | run-tests.sh molecule [scenario ...] | run-tests.sh ha
+# The HA scenarios (three broker nodes each) run only in mode ha (make test-ha):
+# inside `make test` they would push CI past its time budget.
 # Scenarios run CBK_TEST_JOBS at a time (default 2): they wait on packages and
 # services far more than on CPU, and each has its own containers and network.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOGS=artifacts/test-logs
 JOBS=${CBK_TEST_JOBS:-2}
-# Results of the last run only: logs, and what the full-stack scenarios measured.
-rm -rf "$LOGS" artifacts/faults artifacts/features artifacts/security artifacts/browser artifacts/switch && mkdir -p "$LOGS"
+HA_SCENARIOS=(rabbitmq-cluster redis-sentinel)
+mode=${1:-all}
+shift || true
+scenarios=("$@")
+# Results of the last run only: logs, and what the scenarios measured (make test-ha keeps the others').
+if [ "$mode" = ha ]; then
+  LOGS=artifacts/test-logs-ha
+  rm -rf "$LOGS" artifacts/ha && mkdir -p "$LOGS"
+  for scenario in "${HA_SCENARIOS[@]}"; do [ -f "molecule/$scenario/molecule.yml" ] && scenarios+=("$scenario"); done
+else
+  rm -rf "$LOGS" artifacts/faults artifacts/features artifacts/security artifacts/browser artifacts/switch && mkdir -p "$LOGS"
+fi
 
 step() {  # step NAME COMMAND...: runs it, logs it, writes its summary line
   local name=$1 start=$SECONDS result=pass
@@ -20,12 +32,10 @@ step() {  # step NAME COMMAND...: runs it, logs it, writes its summary line
   echo "== $name: $result"
 }
 
-mode=${1:-all}
-shift || true
-scenarios=("$@")
 [ ${#scenarios[@]} -gt 0 ] ||
   # The full-stack scenarios (switch, e2e-*) take longest: start them first so they do not run alone at the end.
   mapfile -t scenarios < <(find molecule -mindepth 2 -maxdepth 2 -name molecule.yml -printf '%h\n' | xargs -n1 basename |
+    grep -vxF "${HA_SCENARIOS[@]/#/-e}" |
     sort -r | awk '/^(switch|e2e-)/ { print; next } { rest = $0 "\n" rest } END { printf "%s", rest }')
 
 total_start=$SECONDS

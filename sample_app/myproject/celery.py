@@ -6,7 +6,7 @@ import celery
 from celery import Celery, bootsteps
 from django.conf import settings
 
-from .celery_config import DEAD_LETTER_QUEUE, broker_name
+from .celery_config import broker_name, dead_letter_queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "myproject.settings")
 
@@ -56,8 +56,10 @@ class DeclareDeadLetterQueue(bootsteps.StartStopStep):
         return broker_name(consumer.app.conf.broker_read_url) == "rabbitmq"
 
     def start(self, consumer):
+        # Quorum mode declares the task queues, and so their dead-letter queue, as quorum queues.
+        quorum_queues = consumer.app.conf.task_default_queue_type == "quorum"
         with consumer.connection.channel() as channel:
-            DEAD_LETTER_QUEUE(channel).declare()
+            dead_letter_queue(quorum_queues)(channel).declare()
 
 
 app.steps["consumer"].add(DeclareDeadLetterQueue)

@@ -9,7 +9,8 @@ from urllib.parse import urlsplit
 
 from kombu import Exchange, Queue
 
-REDIS_SCHEMES = {"redis", "rediss"}
+# sentinel:// URLs name Redis Sentinels, which tell kombu where the current Redis primary is.
+REDIS_SCHEMES = {"redis", "rediss", "sentinel"}
 RABBITMQ_SCHEMES = {"amqp", "amqps", "pyamqp"}
 
 DEFAULT_QUEUE = "celery"
@@ -39,23 +40,50 @@ DEFAULT_PRIORITY = 5
 # Fanout, so messages arrive whatever routing key they are dead-lettered with,
 # including when a server policy sets only the dead-letter exchange.
 DEAD_LETTER_EXCHANGE = Exchange("celery.dlx", type="fanout")
-DEAD_LETTER_QUEUE = Queue("dead_letter", DEAD_LETTER_EXCHANGE)
+QUORUM_QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
+# Seconds to connect to, and wait for, one Sentinel before asking the next: a Sentinel whose host
+# is down must not stall finding the primary. Its answers are small and immediate.
+SENTINEL_SOCKET_TIMEOUT = 2
+
+
+def dead_letter_queue(quorum_queues=False):
+    """Return the queue that the task queues dead-letter to, of the same type as they are.
+
+    The rabbitmq role declares it with the same arguments; RabbitMQ refuses a redeclaration with others.
+    """
+    arguments = dict(QUORUM_QUEUE_ARGUMENTS) if quorum_queues else None
+    return Queue("dead_letter", DEAD_LETTER_EXCHANGE, queue_arguments=arguments)
+
+
+def broker_scheme(url):
+    """Return the scheme of a broker URL, or of a ``;``-separated list of them (kombu fails over in turn).
+
+    The settings follow the scheme, so every URL of a list must have the same one.
+    """
+    schemes = {urlsplit(part).scheme for part in url.split(";")}
+    if len(schemes) > 1:
+        raise ValueError(f"The broker URL list mixes the schemes {sorted(schemes)}: list one kind of broker")
+    return schemes.pop()
 
 
 def broker_name(url):
-    """Return ``"redis"`` or ``"rabbitmq"`` for a broker URL."""
-    scheme = urlsplit(url).scheme
+    """Return ``"redis"`` or ``"rabbitmq"`` for a broker URL (or a ``;``-separated list, see broker_scheme)."""
+    scheme = broker_scheme(url)
     if scheme in REDIS_SCHEMES:
         return "redis"
     if scheme in RABBITMQ_SCHEMES:
         return "rabbitmq"
-    raise ValueError(f"Unsupported broker URL scheme {scheme!r}: use redis(s):// or amqp(s)://")
+    raise ValueError(f"Unsupported broker URL scheme {scheme!r}: use redis(s)://, sentinel:// or amqp(s)://")
 
 
-def build_celery_config(broker_url, result_backend=None, quorum_queues=False, queue_names=QUEUE_NAMES):
+def build_celery_config(broker_url, result_backend=None, quorum_queues=False, queue_names=QUEUE_NAMES, sentinel=None):
     """Return Celery settings (lower-case names) suited to the broker in ``broker_url``.
 
     ``queue_names`` are the queues the app's workers consume (all of them unless hybrid mode moves some).
+    ``sentinel`` is required by ``sentinel://`` broker and result backend URLs: ``{"master_name": ...,
+    "username": ..., "password": ...}``, the name the Sentinels monitor the Redis primary under and the
+    account the app logs in to the Sentinels with (username and password may be None: no Sentinel auth).
+    The user and password of the URLs are those of the Redis servers.
     """
     config = {
         "broker_url": broker_url,
@@ -93,16 +121,22 @@ def build_celery_config(broker_url, result_backend=None, quorum_queues=False, qu
         config.update(_redis_config(broker_url, queue_names))
     else:
         config.update(_rabbitmq_config(quorum_queues, queue_names))
+    for url, options in [
+        (broker_url, "broker_transport_options"),
+        (result_backend, "result_backend_transport_options"),
+    ]:
+        if url and broker_scheme(url) == "sentinel":
+            config[options] = {**config.get(options, {}), **_sentinel_options(sentinel)}
     return config
 
 
-def build_hybrid_celery_config(broker_url, queue_names, result_backend=None):
+def build_hybrid_celery_config(broker_url, queue_names, result_backend=None, sentinel=None):
     """Return the settings of hybrid mode's second app, which serves ``queue_names`` on ``broker_url``."""
     if unknown := set(queue_names) - set(QUEUE_NAMES):
         raise ValueError(f"Unknown queues {sorted(unknown)} in CELERY_HYBRID_QUEUES; choose from {QUEUE_NAMES}.")
     # No quorum queues: Celery sets up their native delayed delivery on conf.broker_url, which the
     # CELERY_BROKER_URL environment variable (the main broker) overrides in every app.
-    config = build_celery_config(broker_url, result_backend, queue_names=queue_names)
+    config = build_celery_config(broker_url, result_backend, queue_names=queue_names, sentinel=sentinel)
     # That variable wins over broker_url but not over these, which every connection of the app uses.
     config["broker_read_url"] = config["broker_write_url"] = broker_url
     return config
@@ -115,6 +149,22 @@ def _queues(queue_names, queue_arguments=None):
         Queue(name, Exchange(name, type="topic"), routing_key=name, queue_arguments=queue_arguments)
         for name in queue_names
     ]
+
+
+def _sentinel_options(sentinel):
+    if not (sentinel or {}).get("master_name"):
+        raise ValueError("A sentinel:// URL needs the Sentinels' master name: set CELERY_REDIS_SENTINEL_MASTER.")
+    credentials = {key: sentinel.get(key) for key in ("username", "password") if sentinel.get(key)}
+    return {
+        # Read by kombu's SentinelChannel and Celery's SentinelBackend: the URLs' own user and
+        # password go to the Redis primary only, so the Sentinels' login goes in sentinel_kwargs.
+        "master_name": sentinel["master_name"],
+        "sentinel_kwargs": {
+            **credentials,
+            "socket_connect_timeout": SENTINEL_SOCKET_TIMEOUT,
+            "socket_timeout": SENTINEL_SOCKET_TIMEOUT,
+        },
+    }
 
 
 def _redis_config(broker_url, queue_names):
@@ -134,7 +184,7 @@ def _redis_config(broker_url, queue_names):
         "task_default_priority": DEFAULT_PRIORITY,
         "task_queues": _queues(queue_names),
     }
-    if urlsplit(broker_url).scheme == "rediss":
+    if broker_scheme(broker_url) == "rediss":
         # Verify the server certificate; kombu otherwise falls back to CERT_NONE for rediss://.
         config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     return config
@@ -155,9 +205,10 @@ def _rabbitmq_config(quorum_queues, queue_names):
     }
     if quorum_queues:
         # Replicated, durable queues. They reject x-max-priority, so this mode has no priorities.
-        queue_arguments["x-queue-type"] = "quorum"
-        # Queues Celery declares on the fly (e.g. worker -Q other) are quorum too.
-        config["task_default_queue_type"] = "quorum"
+        queue_arguments.update(QUORUM_QUEUE_ARGUMENTS)
+        # The default queue when task_queues is empty, and the queues Celery declares on the fly
+        # (e.g. worker -Q other), are quorum too; the dead-letter step reads the former.
+        config["task_default_queue_type"] = config["task_create_missing_queue_type"] = "quorum"
     else:
         # Classic queues need x-max-priority to honour message priorities.
         queue_arguments["x-max-priority"] = MAX_PRIORITY

@@ -139,13 +139,27 @@ CELERY_HYBRID_BROKER_URL = os.environ.get("CELERY_HYBRID_BROKER_URL") or None
 CELERY_HYBRID_QUEUES = (env_list("CELERY_HYBRID_QUEUES") or ["analytics"]) if CELERY_HYBRID_BROKER_URL else []
 
 _result_backend = os.environ.get("CELERY_RESULT_BACKEND") or None
+# What sentinel:// URLs need (celery_config.build_celery_config): the master name the Sentinels
+# monitor, and the app's login on the Sentinels (the URLs carry the Redis servers' login).
+_sentinel = (
+    {
+        "master_name": os.environ["CELERY_REDIS_SENTINEL_MASTER"],
+        "username": os.environ.get("CELERY_REDIS_SENTINEL_USER") or None,
+        "password": os.environ.get("CELERY_REDIS_SENTINEL_PASSWORD") or None,
+    }
+    if os.environ.get("CELERY_REDIS_SENTINEL_MASTER")
+    else None
+)
 _celery_config = build_celery_config(
     CELERY_BROKER_URL,
     result_backend=_result_backend,
     quorum_queues=env_bool("CELERY_QUORUM_QUEUES"),
     queue_names=[name for name in QUEUE_NAMES if name not in CELERY_HYBRID_QUEUES],
+    sentinel=_sentinel,
 )
 globals().update({f"CELERY_{name.upper()}": value for name, value in _celery_config.items()})
 if CELERY_HYBRID_BROKER_URL:
-    _hybrid_config = build_hybrid_celery_config(CELERY_HYBRID_BROKER_URL, CELERY_HYBRID_QUEUES, _result_backend)
+    _hybrid_config = build_hybrid_celery_config(
+        CELERY_HYBRID_BROKER_URL, CELERY_HYBRID_QUEUES, _result_backend, sentinel=_sentinel
+    )
     globals().update({f"CELERY_HYBRID_{name.upper()}": value for name, value in _hybrid_config.items()})

@@ -2,22 +2,38 @@ import ssl
 from types import SimpleNamespace
 
 import pytest
-from kombu import Connection
+from celery import Celery
+from kombu import Connection, Queue
 
 from myproject.celery import DeclareDeadLetterQueue, app
 from myproject.celery_config import (
-    DEAD_LETTER_QUEUE,
     MAX_COUNTDOWN,
     QUEUE_NAMES,
+    SENTINEL_SOCKET_TIMEOUT,
     TASK_TIME_LIMIT,
     VISIBILITY_TIMEOUT,
     broker_name,
     build_celery_config,
+    build_hybrid_celery_config,
+    dead_letter_queue,
 )
 from users.tasks import send_welcome_email
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 RABBITMQ_URL = "amqp://app:secret@127.0.0.1:5672/app"
+# What playbooks/vars/app_settings.yml builds for three hosts.
+RABBITMQ_URLS = ";".join(f"amqp://app:secret@10.0.0.{host}:5672/app" for host in (1, 2, 3))
+SENTINEL_URLS = ";".join(f"sentinel://celery:secret@10.0.0.{host}:26379/0" for host in (1, 2, 3))
+SENTINEL = {"master_name": "celery", "username": "celery-sentinel", "password": "sentinel-secret"}
+SENTINEL_OPTIONS = {
+    "master_name": "celery",
+    "sentinel_kwargs": {
+        "username": "celery-sentinel",
+        "password": "sentinel-secret",
+        "socket_connect_timeout": SENTINEL_SOCKET_TIMEOUT,
+        "socket_timeout": SENTINEL_SOCKET_TIMEOUT,
+    },
+}
 
 
 def queue_arguments(config):
@@ -31,6 +47,8 @@ def queue_arguments(config):
         ("rediss://:pw@redis.internal:6380/1", "redis"),
         (RABBITMQ_URL, "rabbitmq"),
         ("amqps://app:pw@rabbit.internal:5671/app", "rabbitmq"),
+        (SENTINEL_URLS, "redis"),
+        (RABBITMQ_URLS, "rabbitmq"),
     ],
 )
 def test_broker_name(url, name):
@@ -40,6 +58,14 @@ def test_broker_name(url, name):
 def test_unknown_broker_scheme_is_rejected():
     with pytest.raises(ValueError, match="sqs"):
         build_celery_config("sqs://")
+
+
+@pytest.mark.parametrize("urls", [f"{REDIS_URL};{RABBITMQ_URL}", f"{SENTINEL_URLS};{REDIS_URL}"])
+def test_url_lists_mixing_schemes_are_rejected(urls):
+    with pytest.raises(ValueError, match="mixes the schemes"):
+        broker_name(urls)
+    with pytest.raises(ValueError, match="mixes the schemes"):
+        build_celery_config(urls)
 
 
 @pytest.mark.parametrize("url", [REDIS_URL, RABBITMQ_URL])
@@ -104,6 +130,58 @@ def test_rabbitmq_quorum_queues_drop_priorities():
     assert {queue.exchange.type for queue in config["task_queues"]} == {"topic"}
 
 
+def test_rabbitmq_url_list_with_quorum_queues():
+    config = build_celery_config(RABBITMQ_URLS, quorum_queues=True)
+    assert config["broker_url"] == RABBITMQ_URLS  # kombu fails over through the list in turn
+    for arguments in queue_arguments(config).values():
+        assert "x-max-priority" not in arguments
+        assert arguments["x-queue-type"] == "quorum"
+    assert config["task_default_queue_type"] == config["task_create_missing_queue_type"] == "quorum"
+
+
+@pytest.mark.parametrize(("quorum_queues", "arguments"), [(False, None), (True, {"x-queue-type": "quorum"})])
+def test_dead_letter_queue_has_the_task_queues_type(quorum_queues, arguments):
+    queue = dead_letter_queue(quorum_queues)
+    assert (queue.name, queue.exchange.name, queue.exchange.type) == ("dead_letter", "celery.dlx", "fanout")
+    assert queue.queue_arguments == arguments
+
+
+def test_sentinel_transport_options():
+    config = build_celery_config(SENTINEL_URLS, result_backend=SENTINEL_URLS.replace("/0", "/1"), sentinel=SENTINEL)
+    transport = config["broker_transport_options"]
+    assert transport == {**transport, **SENTINEL_OPTIONS}
+    # The Redis options stay.
+    assert transport["visibility_timeout"] == VISIBILITY_TIMEOUT
+    assert transport["priority_steps"] == list(range(10))
+    assert config["result_backend_transport_options"] == {"visibility_timeout": VISIBILITY_TIMEOUT, **SENTINEL_OPTIONS}
+    assert "broker_use_ssl" not in config
+
+
+def test_sentinel_result_backend_with_rabbitmq_broker():
+    config = build_celery_config(RABBITMQ_URL, result_backend=SENTINEL_URLS, sentinel=SENTINEL)
+    assert config["broker_transport_options"] == {"confirm_publish": True}
+    assert config["result_backend_transport_options"] == SENTINEL_OPTIONS
+    hybrid = build_hybrid_celery_config(RABBITMQ_URL, ["analytics"], result_backend=SENTINEL_URLS, sentinel=SENTINEL)
+    assert hybrid["result_backend_transport_options"] == SENTINEL_OPTIONS
+
+
+def test_sentinel_without_auth_sends_no_credentials():
+    config = build_celery_config(SENTINEL_URLS, sentinel={"master_name": "celery", "username": None, "password": None})
+    assert set(config["broker_transport_options"]["sentinel_kwargs"]) == {"socket_connect_timeout", "socket_timeout"}
+
+
+@pytest.mark.parametrize("sentinel", [None, {"master_name": "", "username": "u", "password": "p"}])
+def test_sentinel_url_needs_a_master_name(sentinel):
+    with pytest.raises(ValueError, match="CELERY_REDIS_SENTINEL_MASTER"):
+        build_celery_config(SENTINEL_URLS, sentinel=sentinel)
+    with pytest.raises(ValueError, match="CELERY_REDIS_SENTINEL_MASTER"):
+        build_celery_config(REDIS_URL, result_backend=SENTINEL_URLS, sentinel=sentinel)
+
+
+def test_plain_redis_ignores_sentinel_settings():
+    assert build_celery_config(REDIS_URL, sentinel=SENTINEL) == build_celery_config(REDIS_URL)
+
+
 def test_quorum_queues_are_rejected_for_redis():
     with pytest.raises(ValueError, match="RabbitMQ"):
         build_celery_config(REDIS_URL, quorum_queues=True)
@@ -136,10 +214,27 @@ def test_dead_letter_step_only_runs_on_rabbitmq():
         assert step.include_if(consumer) is included
 
 
+def dead_letter_step_consumer(connection, config):
+    consumer_app = Celery(set_as_current=False)  # Celery's defaults under the settings
+    consumer_app.conf.update(config)
+    return SimpleNamespace(connection=connection, app=consumer_app)
+
+
 def test_dead_letter_step_declares_exchange_and_queue():
+    config = build_celery_config(RABBITMQ_URL)
     with Connection("memory://") as connection:
-        DeclareDeadLetterQueue(parent=None).start(SimpleNamespace(connection=connection))
+        DeclareDeadLetterQueue(parent=None).start(dead_letter_step_consumer(connection, config))
         channel = connection.default_channel
-        channel.queue_declare(DEAD_LETTER_QUEUE.name, passive=True)  # raises if missing
+        channel.queue_declare("dead_letter", passive=True)  # raises if missing
         channel.basic_publish(channel.prepare_message("dead"), exchange="celery.dlx", routing_key="email")
-        assert channel.basic_get(DEAD_LETTER_QUEUE.name).body == b"dead"
+        assert channel.basic_get("dead_letter").body == b"dead"
+
+
+@pytest.mark.parametrize("quorum_queues", [False, True])
+def test_dead_letter_step_declares_the_queue_type_of_the_settings(quorum_queues, monkeypatch):
+    declared = []
+    monkeypatch.setattr(Queue, "declare", lambda queue, *args, **kwargs: declared.append(queue.queue_arguments))
+    config = build_celery_config(RABBITMQ_URL, quorum_queues=quorum_queues)
+    with Connection("memory://") as connection:
+        DeclareDeadLetterQueue(parent=None).start(dead_letter_step_consumer(connection, config))
+    assert declared == [dead_letter_queue(quorum_queues).queue_arguments]

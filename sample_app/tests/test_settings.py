@@ -47,3 +47,15 @@ def test_secret_key_is_required_without_debug():
     assert result.returncode != 0
     assert "Set SECRET_KEY" in result.stderr
     assert run_check({**env, "DEBUG": "true"}).returncode == 0
+
+
+def test_sentinel_broker_needs_the_master_name():
+    env = {
+        **DEPLOY_ENV,
+        "CELERY_BROKER_URL": "sentinel://celery:pw@10.0.0.1:26379/0;sentinel://celery:pw@10.0.0.2:26379/0",
+    }
+    result = run_check(env)
+    assert result.returncode != 0
+    assert "CELERY_REDIS_SENTINEL_MASTER" in result.stderr
+    sentinel = {"CELERY_REDIS_SENTINEL_MASTER": "celery", "CELERY_REDIS_SENTINEL_USER": "celery-sentinel"}
+    assert run_check({**env, **sentinel, "CELERY_REDIS_SENTINEL_PASSWORD": "pw"}).returncode == 0
