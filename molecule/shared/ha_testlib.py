@@ -91,3 +91,13 @@ class HALoad:
             if set(task_ids) <= runs.keys() or time.monotonic() > deadline:
                 return runs
             time.sleep(2)
+
+
+def halt(container, timeout=120):
+    """Shut a node's container down as a host shutdown would: systemd stops every service, then exits.
+
+    Not `docker stop`: systemd re-executes itself on its SIGTERM, and this docker (20.10) ignores
+    `--signal`, so the container would be SIGKILLed after the timeout instead.
+    """
+    subprocess.run(["docker", "kill", "--signal", "SIGRTMIN+3", container], check=True, capture_output=True)
+    subprocess.run(["docker", "wait", container], check=True, capture_output=True, timeout=timeout)

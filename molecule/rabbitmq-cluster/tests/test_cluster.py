@@ -12,7 +12,7 @@ import time
 
 import pytest
 from cbk_testlib import scenario_variables, tcp_probe
-from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad
+from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
 testinfra_hosts = ["ansible://rabbitmq"]
 
@@ -139,8 +139,7 @@ def test_stopping_the_queue_leader_loses_no_task(load):
 
     def stop_leader():
         stopped["at"] = time.monotonic()
-        # systemd halts on SIGRTMIN+3: RabbitMQ stops as on a host shutdown.
-        subprocess.run(["docker", "stop", "--signal", "SIGRTMIN+3", "-t", "60", container(leader)], check=True)
+        halt(container(leader))
         stopped["took"] = time.monotonic() - stopped["at"]
 
     try:

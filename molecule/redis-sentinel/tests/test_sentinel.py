@@ -17,6 +17,7 @@ import uuid
 import pytest
 import testinfra
 from cbk_testlib import scenario_variables
+from ha_testlib import halt
 
 NODES = {f"cbk-redis-sentinel-n{i}": f"172.30.62.1{i}" for i in (1, 2, 3)}
 REDIS_PORT, SENTINEL_PORT, MASTER = 6379, 26379, "celery"
@@ -178,7 +179,7 @@ def test_failover_elects_a_new_primary_that_has_the_data(failover):
     assert writes[:5] == ["OK"] * 5 and int(writes[5]) >= 1, writes
     failover["pids"] = {name: main_pid(name) for name in NODES if name != old}
     started = time.monotonic()
-    subprocess.run(["docker", "stop", "-t", "30", old], check=True, capture_output=True)
+    halt(old)
     survivors = [name for name in NODES if name != old]
 
     def elected():
