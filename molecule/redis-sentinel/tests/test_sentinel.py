@@ -1,12 +1,11 @@
 """roles/redis with redis_sentinel: one primary, two replicas, three Sentinels.
 
 The tests run once each, from the controller, against the three containers over docker
-exec, in file order: the topology and ACL checks first, then the failover (`docker stop`
-of the primary), the old primary's return (`docker start`) and a converge after both.
-The Celery task load through the failover (molecule/shared/ha/ha_load.py) belongs
-between test_failover_elects_a_new_primary_that_has_the_data and the docker stop it
-times; it is written separately and not wired in here yet."""
+exec, in file order: the topology and ACL checks first, then the failover (a halt of the
+primary), the old primary's return (`docker start`), a converge after both, and a second
+failover under a Celery task load through the Sentinels (ha_testlib)."""
 
+import json
 import os
 import re
 import subprocess
@@ -17,13 +16,14 @@ import uuid
 import pytest
 import testinfra
 from cbk_testlib import scenario_variables
-from ha_testlib import halt
+from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
 NODES = {f"cbk-redis-sentinel-n{i}": f"172.30.62.1{i}" for i in (1, 2, 3)}
 REDIS_PORT, SENTINEL_PORT, MASTER = 6379, 26379, "celery"
 # down-after-milliseconds (5 s) plus the election: a few seconds; the bound leaves room
 # for a loaded CI machine.
 ELECTION_BOUND = 30
+TASKS, PER_SECOND, STOP_AFTER = 300, 20, 100
 
 
 def node(name):
@@ -243,3 +243,61 @@ def test_converge_after_the_failover_keeps_the_new_primary_and_restarts_nothing(
     assert all(primary_by_sentinel(name, "127.0.0.1") == [NODES[new]] for name in NODES)
     for name, pid in failover["pids"].items():
         assert main_pid(name) == pid, f"redis-server restarted on {name}"
+
+
+# --- (g) a failover under a Celery task load ---------------------------------------------------
+
+
+def age_held_messages(primary):
+    """Kombu's Redis transport restores a message a worker held (in the unacked hash) only after
+    visibility_timeout (1 h). Age them by an hour, as the clock would; returns how many there were."""
+    tags = [tag for tag in cli(primary, "127.0.0.1", REDIS_PORT, "ZRANGE unacked_index 0 -1", user="admin") if tag]
+    cli(
+        primary,
+        "127.0.0.1",
+        REDIS_PORT,
+        *[f"ZADD unacked_index XX {int(time.time()) - 3700} {t}" for t in tags],
+        user="admin",
+    )
+    return len(tags)
+
+
+def test_failover_under_a_celery_load_loses_no_task(failover, tmp_path):
+    old = failover["primary"]
+    url = ";".join(f"sentinel://celery:{password('celery')}@{ip}:{SENTINEL_PORT}/0" for ip in NODES.values())
+    sentinel = {"master_name": MASTER, "username": "celery-sentinel", "password": password("celery-sentinel")}
+    load = HALoad(tmp_path, url, sentinel=sentinel)
+    load.start_workers()
+    survivors = [name for name in NODES if name != old]
+
+    def elected():
+        answers = {tuple(primary_by_sentinel(name, "127.0.0.1")) for name in survivors}
+        return len(answers) == 1 and answers != {(NODES[old],)} and next(iter(answers))[0]
+
+    try:
+        sent, refused = load.publish("ha.record", TASKS, PER_SECOND, after=STOP_AFTER, action=lambda: halt(old))
+        new = next(name for name, ip in NODES.items() if ip == wait_for(elected, ELECTION_BOUND + 30))
+        runs = load.wait_for_runs(sent, timeout=120)
+        held = 0
+        if set(sent) - runs.keys():
+            held = age_held_messages(new)
+            runs = load.wait_for_runs(sent, timeout=120)
+    finally:
+        load.stop_workers()
+        subprocess.run(["docker", "start", old], check=True, capture_output=True)
+    lost = [task for task in sent if task not in runs]
+    twice = {task: count for task, count in runs.items() if count > 1}
+    report = {
+        "stopped": old,
+        "new_primary": new,
+        "sent": len(sent),
+        "refused": refused,
+        "lost": len(lost),
+        "held_until_aged": held,
+        "ran_more_than_once": len(twice),
+        "ran_but_not_sent": len(runs.keys() - set(sent)),
+    }
+    (REPO / "artifacts" / "ha").mkdir(parents=True, exist_ok=True)
+    (REPO / "artifacts" / "ha" / "redis-sentinel.json").write_text(json.dumps(report, indent=2) + "\n")
+    assert not refused and not lost, report
+    assert len(twice) <= WORKERS * CONCURRENCY * 2, report
