@@ -51,7 +51,7 @@ CASES = {
 def run_case(changes):
     variables = {**VALID, **changes}
     variables = {key: value for key, value in variables.items() if value is not None}
-    variables["ansible_connection"] = "community.docker.docker"
+    variables["ansible_connection"] = "docker"
     result = subprocess.run(
         ["ansible-playbook", "--check", "-i", f"{INSTANCE},", "-e", json.dumps(variables), "preflight.yml"],
         cwd=SCENARIO_DIR,
