@@ -1,35 +1,52 @@
 #!/usr/bin/env bash
-# Warm re-run of site.yml on the deployed sandbox, with the kit's ansible.cfg and
-# with an empty one, in one run; writes bench/deploy.md. Not a test: nothing fails
-# on speed, the figures go into the README.
+# How long site.yml takes on the five sandbox hosts, every figure from this one run:
+#   1. new hosts: the sandbox hosts removed and created again from the base image, then
+#      site.yml (images built, package cache and wheelhouse warm);
+#   2. warm re-runs (changed=0) with the kit's ansible.cfg (Mitogen), the same file without
+#      Mitogen (ANSIBLE_STRATEGY=linear), and an empty ansible.cfg.
+# Writes bench/deploy.md. Not a test: nothing fails on speed. The sandbox's data (users,
+# mails, queued tasks) goes with its hosts; its generated secrets stay.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p bench
 empty_cfg=$(mktemp --suffix=.cfg)
 run_log=$(mktemp)
 trap 'rm -f "$empty_cfg" "$run_log"' EXIT
 
-timed_run() {  # prints seconds and the changed= total of one site.yml run
-  local start end
+timed() {  # timed LABEL [ENV=VALUE ...]: one site.yml run; prints "LABEL|seconds|changed"
+  local label=$1 start end
+  shift
   start=$(date +%s.%N)
-  ansible-playbook -i inventories/sandbox site.yml >"$run_log"
+  env "$@" ansible-playbook -i inventories/sandbox site.yml >"$run_log" ||
+    { tail -n 40 "$run_log" >&2; echo "bench-deploy: site.yml failed ($label)" >&2; exit 1; }
   end=$(date +%s.%N)
   sed -n '/PLAY RECAP/,$p' "$run_log" | grep -o 'changed=[0-9]*' |
-    awk -F= -v s="$start" -v e="$end" '{ c += $2 } END { printf "%.1f %d\n", e - s, c }'
+    awk -F= -v l="$label" -v s="$start" -v e="$end" '{ c += $2 } END { printf "%s|%.1f|%d\n", l, e - s, c }'
 }
 
-ansible-playbook site.yml >/dev/null  # make sure the stack is converged and facts are cached
-read -r tuned tuned_changed < <(timed_run)
-read -r plain plain_changed < <(ANSIBLE_CONFIG=$empty_cfg ANSIBLE_ROLES_PATH=roles timed_run)
-ratio=$(awk -v p="$plain" -v t="$tuned" 'BEGIN { printf "%.2f", p / t }')
-cat >bench/deploy.md <<EOT
-# Warm re-run of site.yml on the sandbox ($(date -u +%F), $(nproc) cores)
+load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+others=$(docker ps --format '{{.Names}}' | grep -cv -e '^cbk-apt-cache$' -e '^cbk-broker$' -e '^cbk-db$' -e '^cbk-web$' -e '^cbk-worker[12]$' || true)
+ansible-playbook playbooks/sandbox/destroy.yml >/dev/null
+ansible-playbook playbooks/sandbox/hosts.yml >/dev/null
+rows=("$(timed 'new hosts: site.yml on freshly created hosts, kit ansible.cfg')")
+rows+=("$(timed 'warm re-run, kit ansible.cfg (Mitogen)')")
+rows+=("$(timed 'warm re-run, kit ansible.cfg without Mitogen' ANSIBLE_STRATEGY=linear)")
+rows+=("$(timed 'warm re-run, empty ansible.cfg' ANSIBLE_CONFIG="$empty_cfg" ANSIBLE_ROLES_PATH=roles)")
+load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
-| ansible.cfg | seconds | changed |
-|---|---|---|
-| kit (pipelining, fact cache, forks=20) | $tuned | $tuned_changed |
-| empty | $plain | $plain_changed |
-
-Speed-up of the kit's ansible.cfg: **${ratio}x**
-EOT
+seconds() { printf '%s\n' "${rows[@]}" | awk -F'|' -v l="$1" 'index($1, l) == 1 { print $2 }'; }
+kit=$(seconds 'warm re-run, kit ansible.cfg (Mitogen)')
+ratio() { awk -v a="$1" -v b="$kit" 'BEGIN { printf "%.2f", a / b }'; }
+{
+  echo "# site.yml on the five sandbox hosts ($(date -u '+%F %H:%M') UTC, $(nproc) cores)"
+  echo
+  echo "One run of \`make bench-deploy\`, in this order. Load average before: $load_before; after: $load_after;"
+  echo "other containers running beside the sandbox: $others (0 = a quiet machine)."
+  echo
+  echo "| run | seconds | changed |"
+  echo "|---|---|---|"
+  printf '%s\n' "${rows[@]}" | awk -F'|' '{ printf "| %s | %s | %s |\n", $1, $2, $3 }'
+  echo
+  echo "Warm re-run, kit against an empty ansible.cfg: **$(ratio "$(seconds 'warm re-run, empty')")x**;"
+  echo "against the kit's file without Mitogen: **$(ratio "$(seconds 'warm re-run, kit ansible.cfg without')")x**."
+} >bench/deploy.md
 cat bench/deploy.md
