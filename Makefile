@@ -63,7 +63,7 @@ test: apt-cache $(APP_VENV)/.installed ## lint + every Molecule scenario + sampl
 test-ha: apt-cache $(APP_VENV)/.installed ## the HA scenarios: 3-node RabbitMQ cluster and Redis Sentinel, with failover under load
 	bash scripts/run-tests.sh ha
 
-bench-deploy: sandbox ## site.yml on new sandbox hosts, then warm re-runs: with Mitogen, the kit default, an empty ansible.cfg: bench/deploy.md
+bench-deploy: sandbox ## site.yml on new sandbox hosts, then warm re-runs: kit ansible.cfg, without Mitogen, empty: bench/deploy.md
 	bash scripts/bench-deploy.sh
 
 bench: toolchain $(BENCH_VENV)/.installed ## Celery tasks/s and latency on the sandbox, RabbitMQ and Redis: bench/results.md

@@ -6,6 +6,7 @@ one email (one copy), every published task must run exactly once (its id in one
 "succeeded" line across the workers' journals), and the old broker must be empty after.
 Figures go to artifacts/switch/results.json and .txt (README.md, "Switching brokers")."""
 
+import contextlib
 import json
 import os
 import re
@@ -54,8 +55,9 @@ def report():
 def playbook(name, probe_address, *args, inventory=INVENTORY, interrupt_when=None):
     """ansible-playbook playbooks/<name> on the scenario's hosts; its output goes to
     artifacts/switch/<nn>-<the args>.log (default verbosity: no secret is printed).
-    With interrupt_when, the run is interrupted (SIGINT, as Ctrl-C) once that function
-    returns true, and run again to the end."""
+    With interrupt_when, the run is interrupted once that function returns true, by SIGINT
+    to its process group as Ctrl-C in a terminal sends it (under Mitogen its connection
+    processes end with it), and run again to the end."""
     env = {
         **os.environ,
         "ANSIBLE_CONFIG": str(INVENTORY.parent / "ansible.cfg"),
@@ -71,11 +73,22 @@ def playbook(name, probe_address, *args, inventory=INVENTORY, interrupt_when=Non
     started = time.monotonic()
     output = ""
     if interrupt_when:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         while process.poll() is None and not interrupt_when():
             time.sleep(1)
-        process.send_signal(signal.SIGINT)
-        output = process.communicate(timeout=120)[0] + "\n==== interrupted; run again ====\n"
+        with contextlib.suppress(ProcessLookupError):  # the run may have ended first
+            os.killpg(process.pid, signal.SIGINT)
+        try:
+            output = process.communicate(timeout=120)[0] + "\n==== interrupted; run again ====\n"
+        except subprocess.TimeoutExpired:
+            # What still runs (the session's processes), to see why.
+            ps = ["ps", "-o", "pid,stat,etime,args", "-g", str(process.pid)]
+            tree = subprocess.run(ps, capture_output=True, text=True)
+            os.killpg(process.pid, signal.SIGKILL)
+            output = process.communicate()[0] + f"\n==== still running 120 s after Ctrl-C ====\n{tree.stdout}"
+            raise AssertionError(output[-4000:]) from None
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=2400)
     result.seconds = time.monotonic() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
