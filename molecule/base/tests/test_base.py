@@ -1,8 +1,14 @@
 """The base role's behaviour: default-deny firewall with a working allow-list,
 hardened sshd, persistent size-limited journal, time sync enabled."""
 
+import os
+from pathlib import Path
+
 import pytest
-from cbk_testlib import address, listen, other_hosts, tcp_probe
+import yaml
+from cbk_testlib import address, listen, other_hosts, scenario_variables, tcp_probe
+
+ROLE_VARS = yaml.safe_load((Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "roles/base/vars/main.yml").read_text())
 
 # 8081 is allowed from the peer by the inventory list, 8082 by the hook other
 # roles use; 8083 is on no list.
@@ -24,9 +30,26 @@ def listeners(host):
 
 
 def test_ruleset_is_default_deny_and_enabled(host):
-    chain = host.check_output("nft list chain inet filter input")
+    chain = host.check_output("nft list chain inet %s input", ROLE_VARS["base__firewall_table"])
     assert "policy drop" in chain
     assert host.service("nftables").is_enabled
+
+
+def test_firewall_owns_only_its_table(host):
+    """prepare.yml loaded the role's earlier ruleset (its own table after flushing every other)
+    and then a table of other software: the converge replaced the first and kept the second,
+    and stopping nftables removes only the kit's table."""
+    ours = f"table inet {ROLE_VARS['base__firewall_table']}"
+    foreign = f"table {scenario_variables()['base_test_foreign_table']}"
+    tables = host.check_output("nft list tables").splitlines()
+    assert ours in tables and foreign in tables, tables
+    assert f"table inet {ROLE_VARS['base__firewall_legacy_table']}" not in tables, tables
+    host.check_output("systemctl stop nftables")
+    try:
+        assert host.check_output("nft list tables").splitlines() == [foreign]
+    finally:
+        host.check_output("systemctl start nftables")
+    assert ours in host.check_output("nft list tables").splitlines()
 
 
 @pytest.mark.parametrize("port", ALLOWED)
