@@ -153,12 +153,14 @@ def test_pg_hba_rejects_a_source_outside_the_allow_list_past_the_firewall(host, 
     assert f'pg_hba.conf rejects connection for host "{server_address}"' in result.stderr
 
 
-def test_config_files_are_not_world_readable(host, major):
+def test_config_files_are_readable_by_postgres_only(host, major):
     config = f"/etc/postgresql/{major}/main"
-    for path in (f"{config}/pg_hba.conf", f"{config}/conf.d/50-restart.conf", f"{config}/conf.d/60-reload.conf"):
-        conf = host.file(path)
-        assert conf.user == "postgres", path
-        assert conf.mode & 0o007 == 0, path
+    files = host.run("find %s -type f", config).stdout.split()
+    assert f"{config}/postgresql.conf" in files and f"{config}/pg_hba.conf" in files
+    for path in files:
+        assert host.file(path).user == "postgres", path
+        assert host.run("runuser -u postgres -- cat %s", path).rc == 0, path
+        assert host.run("runuser -u nobody -- cat %s", path).rc != 0, path
     key = host.file("/etc/ssl/private/ssl-cert-snakeoil.key")
     assert key.mode & 0o007 == 0
 
