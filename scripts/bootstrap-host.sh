@@ -5,6 +5,9 @@
 set -euo pipefail
 
 MIRROR=${CBK_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+SECURITY_MIRROR=${CBK_DEBIAN_SECURITY_MIRROR:-http://security.debian.org/debian-security}
+# Images of an older build (before the security suite) lack this label and are rebuilt.
+IMAGE_LABEL=cbk.apt-suites=release-updates-security
 MIN_FREE_GB=${CBK_MIN_FREE_GB:-6}
 declare -A SUITES=([12]=bookworm [13]=trixie)
 
@@ -31,19 +34,25 @@ fi
 
 build_image() {
   local version=$1 suite=${SUITES[$1]} image=cbk/debian:$1 rootfs
-  docker image inspect "$image" >/dev/null 2>&1 && return 0
+  [ "$(docker image inspect --format '{{ index .Config.Labels "cbk.apt-suites" }}' "$image" 2>/dev/null)" = "${IMAGE_LABEL#*=}" ] &&
+    return 0
   echo "bootstrap: building $image from $suite with debootstrap"
   rootfs=$(mktemp -d /var/tmp/cbk-rootfs-XXXX)
   debootstrap --variant=minbase \
     --include=python3,python3-apt,systemd,systemd-sysv,sudo,iproute2,procps,ca-certificates \
     "$suite" "$rootfs" "$MIRROR" >/dev/null
+  # Up to date with the -updates and -security suites, as the base role keeps every host.
+  printf 'deb %s %s main\ndeb %s %s-updates main\ndeb %s %s-security main\n' \
+    "$MIRROR" "$suite" "$MIRROR" "$suite" "$SECURITY_MIRROR" "$suite" >"$rootfs/etc/apt/sources.list"
+  chroot "$rootfs" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive chroot "$rootfs" apt-get upgrade -y -qq >/dev/null
   # The machine's private CA must be trusted inside for outbound TLS (pip).
   cp /usr/local/share/ca-certificates/*.crt "$rootfs/usr/local/share/ca-certificates/" 2>/dev/null || true
   chroot "$rootfs" update-ca-certificates >/dev/null
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
   # An old mtime makes the first `apt update_cache` with cache_valid_time refresh.
   touch -d @0 "$rootfs/var/lib/apt/lists"
-  tar -C "$rootfs" -c . | docker import --change 'CMD ["/lib/systemd/systemd"]' - "$image" >/dev/null
+  tar -C "$rootfs" -c . | docker import --change 'CMD ["/lib/systemd/systemd"]' --change "LABEL $IMAGE_LABEL" - "$image" >/dev/null
   rm -rf "$rootfs"
 }
 

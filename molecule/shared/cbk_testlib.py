@@ -65,6 +65,12 @@ def address(host):
     return host.ansible("setup", "gather_subset=network")["ansible_facts"]["ansible_default_ipv4"]["address"]
 
 
+def pending_security_updates(host):
+    """The packages `apt-get upgrade` would take from a -security suite, as the host's index knows them."""
+    simulation = host.check_output("apt-get -s upgrade")
+    return [line.split()[1] for line in simulation.splitlines() if line.startswith("Inst ") and "-security" in line]
+
+
 def tcp_probe(client, ip, port, timeout=3):
     """'open', 'refused' (reachable, nothing listening) or 'timeout' (dropped), seen from client."""
     return client.check_output("python3 -c %s %s %s %s", PROBE, ip, str(port), str(timeout))

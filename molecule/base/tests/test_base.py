@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cbk_testlib import address, listen, other_hosts, scenario_variables, tcp_probe
+from cbk_testlib import address, listen, other_hosts, pending_security_updates, scenario_variables, tcp_probe
 
-ROLE_VARS = yaml.safe_load((Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "roles/base/vars/main.yml").read_text())
+ROLE = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "roles/base"
+ROLE_VARS = yaml.safe_load((ROLE / "vars/main.yml").read_text())
+ROLE_DEFAULTS = yaml.safe_load((ROLE / "defaults/main.yml").read_text())
 
 # 8081 is allowed from the peer by the inventory list, 8082 by the hook other
 # roles use; 8083 is on no list.
@@ -114,3 +116,30 @@ def test_kernel_settings_are_skipped_not_half_applied_in_containers(host):
     # setting it could not apply, and must leave the running value alone.
     assert not host.file("/etc/sysctl.d/60-celery-broker-kit.conf").exists
     assert not host.file("/etc/systemd/system/transparent-hugepages.service").exists
+
+
+def test_sources_hold_the_updates_and_security_suites(host):
+    release = host.system_info.codename
+    policy = host.check_output("apt-cache policy")
+    for suite in (release, f"{release}-updates", f"{release}-security"):
+        assert f"n={suite}," in policy, suite
+    # Once only: sources.list no longer lists what debian.sources does.
+    assert "configured multiple times" not in host.run("apt-get -s check").stderr
+
+
+def test_the_converge_applied_the_pending_security_fix(host):
+    package = host.file(scenario_variables()["base_test_downgraded_file"]).content_string.strip()
+    assert package, "prepare.yml found no package to take back"
+    assert package in host.file("/var/log/unattended-upgrades/unattended-upgrades.log").content_string
+    assert pending_security_updates(host) == []
+
+
+def test_unattended_upgrades_take_security_fixes_daily_without_rebooting(host):
+    settings = host.check_output("apt-config dump")
+    origins = [line for line in settings.splitlines() if line.startswith("Unattended-Upgrade::Origins-Pattern::")]
+    assert origins and all("label=Debian-Security" in line for line in origins), origins
+    reboot = str(ROLE_DEFAULTS["base_security_updates_reboot"]).lower()
+    assert f'Unattended-Upgrade::Automatic-Reboot "{reboot}";' in settings
+    assert 'APT::Periodic::Unattended-Upgrade "1";' in settings
+    assert host.service("apt-daily-upgrade.timer").is_enabled
+    assert host.package("needrestart").is_installed

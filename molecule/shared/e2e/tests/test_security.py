@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cbk_testlib import address, direct, e2e_broker, inventory_host, scenario_variables
+from cbk_testlib import address, direct, e2e_broker, inventory_host, pending_security_updates, scenario_variables
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BROKER = e2e_broker(SCENARIO)
@@ -309,6 +309,15 @@ def test_only_allow_listed_ports_answer_the_probe(kit_hosts, broker_address, web
             )
     assert len(probes) > len(allowed), "the hosts list fewer ports than the probe may use"
     check(probes)
+
+
+def test_no_security_update_is_pending_after_the_converge(kit_hosts):
+    pending = {
+        name.removeprefix(f"cbk-{SCENARIO}-"): pending_security_updates(host) for name, (host, _) in kit_hosts.items()
+    }
+    for short, packages in pending.items():
+        report_line(f"security updates pending on {short}", "none", ", ".join(packages) or "none", not packages)
+    assert not any(pending.values()), pending
 
 
 def test_no_secret_is_readable_by_an_unprivileged_user(kit_hosts, secrets):
