@@ -39,6 +39,41 @@ def scenario_variables():
     return yaml.safe_load((Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent / "group_vars" / "all").read_text())
 
 
+@functools.cache
+def role_defaults(role):
+    """A role's defaults/main.yml (untemplated)."""
+    import yaml
+
+    path = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "roles" / role / "defaults" / "main.yml"
+    return yaml.safe_load(path.read_text())
+
+
+@functools.cache
+def host_variable(host_name, name):
+    """A variable of one inventory host as Ansible templates it (the scenario's Jinja resolved)."""
+    return inventory_host(host_name).ansible("debug", f"var={name}")[name]
+
+
+def scenario_setting(role, name):
+    """A role variable as the scenario sets it in its group_vars, else the role's default."""
+    return scenario_variables().get(name, role_defaults(role)[name])
+
+
+def ansible_env(**extra):
+    """The environment of an ansible-playbook run of a test against the scenario's hosts, with
+    Molecule's configuration, at default verbosity and unlogged (no secret is printed)."""
+    inventory = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
+    return {
+        **os.environ,
+        "ANSIBLE_CONFIG": str(inventory.parent / "ansible.cfg"),
+        "ANSIBLE_ROLES_PATH": str(Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "roles"),
+        "ANSIBLE_CALLBACK_RESULT_FORMAT": "yaml",
+        "ANSIBLE_VERBOSITY": "0",
+        "ANSIBLE_LOG_PATH": "/dev/null",
+        **extra,
+    }
+
+
 def redis_admin(host, *command):
     """A redis-cli command as the Redis role's admin user (password through the environment)."""
     return host.check_output(
@@ -127,6 +162,8 @@ HTTP_REQUEST = (
     "        self.sock.connect(req['unix_socket'])\n"
     "if req['unix_socket']:\n"
     "    conn = UnixHTTPConnection('localhost', timeout=req['timeout'])\n"
+    "elif req['https']:\n"
+    "    conn = http.client.HTTPSConnection(req['address'], req['port'], timeout=req['timeout'])\n"
     "else:\n"
     "    conn = http.client.HTTPConnection(req['address'], req['port'], timeout=req['timeout'])\n"
     "body = req['body'].encode() if req['body'] is not None else None\n"
@@ -154,10 +191,21 @@ class HTTPResponse:
 
 
 def http_request(
-    client, address, port, path, method="GET", headers=None, body=None, unix_socket=None, user=None, timeout=10
+    client,
+    address,
+    port,
+    path,
+    method="GET",
+    headers=None,
+    body=None,
+    unix_socket=None,
+    user=None,
+    timeout=10,
+    https=False,
 ):
     """One HTTP/1.1 request sent from client with python3's http.client (no redirects followed),
-    over TCP to address:port or over the unix socket unix_socket, optionally as user."""
+    over TCP to address:port (with https, over TLS verified against the client's trust store)
+    or over the unix socket unix_socket, optionally as user."""
     import json
 
     request = json.dumps(
@@ -170,6 +218,7 @@ def http_request(
             "body": body,
             "unix_socket": unix_socket,
             "timeout": timeout,
+            "https": https,
         }
     )
     if user:
@@ -256,6 +305,17 @@ def amqp_login(client, url, ssl=None):
 
 MAILDIR = "/home/sink/Maildir"
 
+class Site:
+    """Where a full-stack scenario's app answers: HTTPS at nginx or plain HTTP
+    (django_app_https, as the scenario templates it for the web host)."""
+
+    def __init__(self, web_host, address):
+        self.address = address
+        self.https = host_variable(web_host, "django_app_https") == "nginx"
+        self.port = int(scenario_setting("django_app", "django_app_https_port" if self.https else "django_app_http_port"))
+        self.url = f"{'https' if self.https else 'http'}://{address}"
+
+
 # Runs in a scenario container: signs users up through nginx at a fixed rate, `count` of them
 # or, with count None, until its stdin closes; prints which addresses the web tier accepted
 # and what it said to the others.
@@ -278,7 +338,8 @@ while args["count"] is None or i < args["count"]:
     password = "Pw-" + "".join(uuid.uuid4().hex for _ in range(4))
     body = json.dumps({"username": f"u-{token}", "email": email, "password": password})
     try:
-        conn = http.client.HTTPConnection(args["address"], 80, timeout=60)
+        connection = http.client.HTTPSConnection if args["https"] else http.client.HTTPConnection
+        conn = connection(args["address"], args["port"], timeout=60)
         conn.request("POST", "/api/signup/", body, {"Content-Type": "application/json", "Host": args["address"]})
         response = conn.getresponse()
         status, answer = response.status, response.read().decode(errors="replace")[:200]
@@ -307,9 +368,11 @@ print(json.dumps(messages))
 class SignupLoad:
     """A signup load running in a scenario container while a test does something else."""
 
-    def __init__(self, container, web_address, tag, count=None, rate=15):
+    def __init__(self, container, site, tag, count=None, rate=15):
         self.tag = f"{tag}{uuid.uuid4().hex[:6]}"  # this run's addresses only
-        args = json.dumps({"address": web_address, "tag": self.tag, "count": count, "rate": rate})
+        args = json.dumps(
+            {"address": site.address, "port": site.port, "https": site.https, "tag": self.tag, "count": count, "rate": rate}
+        )
         self.process = subprocess.Popen(
             ["docker", "exec", "-i", container, "python3", "-c", SIGNUP_LOAD, args],
             stdin=subprocess.PIPE,

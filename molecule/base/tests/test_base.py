@@ -146,3 +146,17 @@ def test_unattended_upgrades_take_security_fixes_daily_without_rebooting(host):
     assert 'APT::Periodic::Unattended-Upgrade "1";' in settings
     assert host.service("apt-daily-upgrade.timer").is_enabled
     assert host.package("needrestart").is_installed
+
+
+def test_the_host_certificate_names_the_host_and_its_address_and_the_system_trusts_its_ca(host):
+    cert, key, ca = (ROLE_DEFAULTS[f"base_tls_{name}_path"] for name in ("cert", "key", "ca"))
+    assert host.file(key).user == "root" and host.file(key).group == "ssl-cert" and host.file(key).mode == 0o640
+    assert host.file(cert).mode == 0o644 and host.file(ca).mode == 0o644
+    names = host.check_output("openssl x509 -in %s -noout -ext subjectAltName", cert)
+    assert f"DNS:{host.backend.get_hostname()}" in names and f"IP Address:{address(host)}" in names, names
+    # The CA joined the system's store: verification needs no CA file.
+    assert host.check_output("openssl verify %s", cert).endswith(": OK")
+    # The key is the certificate's.
+    assert host.check_output("openssl x509 -in %s -noout -pubkey", cert) == host.check_output("openssl pkey -in %s -pubout", key)
+    # Its key stays unreadable to others: the private directory admits only root and ssl-cert.
+    assert host.run("runuser -u nobody -- cat %s", key).rc != 0

@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 import pytest
 import testinfra
-from cbk_testlib import address, http_request, other_hosts, tcp_probe
+from cbk_testlib import address, http_request, other_hosts, scenario_setting, tcp_probe
 
 APP = "sample_app"
 ROOT = f"/srv/{APP}"
@@ -40,8 +40,9 @@ def side_effect(host):
 
 
 def get(host, path, ip, **kwargs):
-    """A request through nginx on the instance itself, with the instance's address as Host."""
-    headers = {"Host": ip, **kwargs.pop("headers", {})}
+    """A request through nginx on the instance itself, with the instance's address as Host, as
+    the load balancer in front (django_app_https) passes on what it received over HTTPS."""
+    headers = {"Host": ip, "X-Forwarded-Proto": "https", **kwargs.pop("headers", {})}
     return http_request(host, "127.0.0.1", 80, path, headers=headers, **kwargs)
 
 
@@ -79,6 +80,20 @@ def test_root_redirects_to_the_signup_page(host, ip):
     response = get(host, "/", ip)
     assert response.status == 302
     assert response.header("Location") == ["/signup/"]
+
+
+def test_behind_the_load_balancer_https_is_strict_and_http_is_redirected(host, ip):
+    secure = get(host, "/signup/", ip)
+    assert secure.status == 200
+    (hsts,) = secure.header("Strict-Transport-Security")
+    assert hsts == f"max-age={scenario_setting('django_app', 'django_app_hsts_seconds')}"
+    cookies = secure.header("Set-Cookie")
+    assert cookies and all("Secure" in cookie for cookie in cookies), cookies
+    # What the balancer received over plain HTTP: Django sends it to HTTPS, without HSTS.
+    plain = get(host, "/signup/?next=x", ip, headers={"X-Forwarded-Proto": "http"})
+    assert plain.status == 301
+    assert plain.header("Location") == [f"https://{ip}/signup/?next=x"]
+    assert plain.header("Strict-Transport-Security") == []
 
 
 def test_unknown_host_header_is_refused(host):
@@ -126,7 +141,7 @@ def test_html_signup_form_with_csrf_cookie_and_token(host, ip):
     headers = {
         "Content-Type": "application/x-www-form-urlencoded",
         "Cookie": f"csrftoken={cookies['csrftoken']}",
-        "Origin": f"http://{ip}",
+        "Origin": f"https://{ip}",
     }
     posted = get(host, "/signup/", ip, method="POST", headers=headers, body=form)
     assert posted.status == 302, posted.body
@@ -157,8 +172,8 @@ def test_static_files_are_served_by_nginx_with_cache_headers(host, ip):
     assert response.header("Expires")
     assert response.body == host.file(f"{CURRENT}/static/users/site.css").content_string
     # gunicorn itself does not serve it (DEBUG is off): nginx did.
-    direct = http_request(host, None, None, "/static/users/site.css", headers={"Host": ip},
-                          unix_socket=SOCKET, user="www-data")
+    direct = http_request(host, None, None, "/static/users/site.css",
+                          headers={"Host": ip, "X-Forwarded-Proto": "https"}, unix_socket=SOCKET, user="www-data")
     assert direct.status == 404
 
 

@@ -153,6 +153,17 @@ def test_pg_hba_rejects_a_source_outside_the_allow_list_past_the_firewall(host, 
     assert f'pg_hba.conf rejects connection for host "{server_address}"' in result.stderr
 
 
+def test_the_peer_verifies_the_servers_host_certificate(host, peer, server_address, settings):
+    # The base role gave the server its host certificate (the kit CA's) and the peer the CA, in
+    # its system store; the name checked is the address the app connects to.
+    trusted = as_app(peer, "SHOW ssl", server_address, settings,
+                     sslmode="verify-full sslrootcert=/etc/ssl/certs/ca-certificates.crt")
+    assert trusted.rc == 0 and trusted.stdout.strip() == "on", trusted.stderr
+    other_ca = as_app(peer, "SELECT 1", server_address, settings,
+                      sslmode="verify-full sslrootcert=/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt")
+    assert other_ca.rc != 0 and "certificate verify failed" in other_ca.stderr, other_ca.stderr
+
+
 def test_config_files_are_readable_by_postgres_only(host, major):
     config = f"/etc/postgresql/{major}/main"
     files = host.run("find %s -type f", config).stdout.split()

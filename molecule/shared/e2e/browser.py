@@ -1,8 +1,8 @@
 """Runs inside the probe container: drives Debian's headless chromium through
 chromedriver (python3-selenium) the way an operator or a user would, saves a
 screenshot per page into the directory given, and prints what each check saw as
-JSON. Reads {"screenshots": dir, "signup": {...}, "rabbitmq": {...}|null,
-"flower": {...}} on stdin."""
+JSON. Reads {"screenshots": dir, "untrusted": {...}, "signup": {...}, "rabbitmq": {...},
+"flower": {...}} on stdin, each check optional."""
 
 import base64
 import json
@@ -42,6 +42,15 @@ def signup(driver, site, username, email, password):
     return driver.find_element(By.TAG_NAME, "h1").text + " / " + driver.find_element(By.CLASS_NAME, "message").text
 
 
+def untrusted(driver, site):
+    """The site with the kit CA not trusted yet: the browser must stop at its certificate
+    warning, and the signup form must not load."""
+    driver.get(f"{site}/signup/")
+    if driver.find_elements(By.NAME, "username"):
+        raise AssertionError("the signup form loaded although the browser does not trust the kit CA")
+    return driver.execute_script("return document.body ? document.body.innerText : ''")[:300]
+
+
 def rabbitmq(driver, url, username, password, queues):
     """Log in to the management UI with its form, open the queues tab, see the app's queues."""
     driver.get(url)
@@ -72,7 +81,7 @@ def flower(driver, url, username, password, workers):
 def main():
     request = json.load(sys.stdin)
     results = {}
-    for name, check in (("signup", signup), ("rabbitmq", rabbitmq), ("flower", flower)):
+    for name, check in (("untrusted", untrusted), ("signup", signup), ("rabbitmq", rabbitmq), ("flower", flower)):
         if not request.get(name):
             continue
         driver = browser()

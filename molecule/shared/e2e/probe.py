@@ -41,7 +41,14 @@ def amqp(address, port, username, password, vhost):
     return "ok"
 
 
-def http(url, username=None, password=None, host=None, method="GET", body=None):
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # the redirect itself is the answer
+
+
+def http(url, username=None, password=None, host=None, method="GET", body=None, redirects=True):
+    """Status of a request (verified against the system's CAs over https), with " debug page"
+    when Django's debug pages show; without redirects, a redirect's status and Location."""
     request = urllib.request.Request(url, method=method, data=body.encode() if body else None)
     if username is not None:
         token = base64.b64encode(f"{username}:{password}".encode()).decode()
@@ -50,14 +57,30 @@ def http(url, username=None, password=None, host=None, method="GET", body=None):
         request.add_header("Host", host)
     if body:
         request.add_header("Content-Type", "application/json")
+    opener = urllib.request.build_opener(*([] if redirects else [NoRedirects]))
+    location = ""
     try:
-        response = urllib.request.urlopen(request, timeout=TIMEOUT)
+        response = opener.open(request, timeout=TIMEOUT)
         status, text = response.status, response.read().decode(errors="replace")
     except urllib.error.HTTPError as error:
         status, text = error.code, error.read().decode(errors="replace")
+        location = "" if redirects else f" {error.headers.get('Location')}"
     # A debug page names itself; production error pages do not.
     debug = any(marker in text for marker in ("Traceback", "DEBUG = True", "technical_500", "Django tried these"))
-    return f"{status}{' debug page' if debug else ''}"
+    return f"{status}{location}{' debug page' if debug else ''}"
+
+
+def tls(address, port, version, cafile=None):
+    """A TLS handshake with only `version` (an ssl.TLSVersion name) offered, verifying the
+    server against cafile or the system's CAs: "ok <version>" or why it failed."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=cafile)
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # the client itself would offer TLS 1.0 and 1.1
+    context.minimum_version = context.maximum_version = ssl.TLSVersion[version]
+    with socket.create_connection((address, port), timeout=TIMEOUT) as raw:
+        with context.wrap_socket(raw, server_hostname=address) as connection:
+            return f"ok {connection.version()}"
 
 
 def postgres(address, port, username, password, dbname):

@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from cbk_testlib import address, direct, inventory_host
+from cbk_testlib import Site, address, direct, inventory_host, scenario_variables
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BACKEND = f"cbk-{SCENARIO}-debian12"
@@ -40,3 +40,20 @@ def probe_address():
         ["docker", "inspect", "-f", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}", PROBE], text=True
     )
     return out.strip()
+
+
+@pytest.fixture(scope="session")
+def site(web_address):
+    """The app as clients reach it: HTTPS at nginx in e2e-rabbitmq, plain HTTP in switch."""
+    return Site(FRONT, web_address)
+
+
+@pytest.fixture(scope="session")
+def probe_trusts_kit_ca(site):
+    """The probe trusts the kit CA in its system store (python's clients), as an operator's
+    machine would; chromium's own store is left to the browser test."""
+    if site.https:
+        ca = f"{scenario_variables()['base_tls_kit_ca_dir']}/ca.crt"
+        subprocess.run(["docker", "cp", ca, f"{PROBE}:/usr/local/share/ca-certificates/cbk-ca.crt"], check=True)
+        subprocess.run(["docker", "exec", PROBE, "update-ca-certificates"], check=True, capture_output=True)
+    return site

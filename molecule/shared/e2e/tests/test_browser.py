@@ -1,10 +1,12 @@
 """A real browser (Debian's chromium, headless, driven by chromedriver from the probe
-container): a user signs up through the HTML form and sees the confirmation, and gets
+container): over HTTPS, the site is refused until the browser trusts the kit CA; a user
+signs up through the HTML form and sees the confirmation, and gets
 the email; the admin logs in to the RabbitMQ management UI and sees the app's queues;
 Flower lists the workers of both hosts. Screenshots: artifacts/browser/<scenario>/."""
 
 import json
 import os
+import re
 import subprocess
 import uuid
 from pathlib import Path
@@ -17,27 +19,46 @@ BROKER = e2e_broker(SCENARIO)
 PROBE = f"cbk-{SCENARIO}-probe"
 SCREENSHOTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "browser" / f"e2e-{BROKER}"
 PROGRAM = (Path(__file__).parent.parent / "browser.py").read_text()
+# The system's copy of the kit CA (conftest.py) into chromium's NSS database, as trusted for servers.
+TRUST_KIT_CA_IN_CHROMIUM = (
+    "mkdir -p /root/.pki/nssdb && { [ -f /root/.pki/nssdb/cert9.db ] || certutil -d sql:/root/.pki/nssdb -N --empty-password; }"
+    " && certutil -d sql:/root/.pki/nssdb -A -t C,, -n cbk-kit-ca -i /usr/local/share/ca-certificates/cbk-ca.crt"
+)
+
+
+def browse(request):
+    """Run browser.py in the probe with request; {check: {"ok", "saw"}}; screenshots copied out."""
+    out = subprocess.run(
+        ["docker", "exec", "-i", PROBE, "python3", "-c", PROGRAM],
+        input=json.dumps({"screenshots": "/tmp", **request}),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for name in request:
+        subprocess.run(["docker", "cp", f"{PROBE}:/tmp/{name}.png", str(SCREENSHOTS / f"{name}.png")], check=True)
+    return json.loads(out)
 
 
 @pytest.fixture(scope="module")
-def seen(backend, front, backend_address, web_address):
-    """Run every browser check once from the probe; {check: {"ok", "saw"}}."""
+def seen(backend, front, backend_address, probe_trusts_kit_ca):
+    """Run every browser check once from the probe; {check: {"ok", "saw"}}. Over HTTPS, the
+    browser first meets the site without the kit CA, then trusts it (in chromium's own
+    certificate store) and signs up."""
+    site = probe_trusts_kit_ca
     variables = scenario_variables()
     token = uuid.uuid4().hex[:10]
+    results = {}
+    if site.https:
+        results.update(browse({"untrusted": {"site": site.url}}))
+        subprocess.run(["docker", "exec", PROBE, "sh", "-c", TRUST_KIT_CA_IN_CHROMIUM], check=True)
     request = {
-        "screenshots": "/tmp",
         "signup": {
-            "site": f"http://{web_address}",
+            "site": site.url,
             "username": f"browser-{token}",
             "email": f"browser-{token}@example.com",
             "password": "Correct-Horse-Battery-Staple-4711",
-        },
-        "rabbitmq": BROKER == "rabbitmq"
-        and {
-            "url": f"http://{backend_address}:15672/",
-            "username": "admin",
-            "password": variables["rabbitmq_admin_password"],
-            "queues": ["celery", "email", "analytics"],
         },
         "flower": {
             "url": f"http://{backend_address}:5555",
@@ -46,18 +67,22 @@ def seen(backend, front, backend_address, web_address):
             "workers": [f"@{host.check_output('uname -n')}" for host in (backend, front)],
         },
     }
-    out = subprocess.run(
-        ["docker", "exec", "-i", PROBE, "python3", "-c", PROGRAM],
-        input=json.dumps(request),
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    for name in ("signup", "rabbitmq", "flower"):
-        if request[name]:
-            subprocess.run(["docker", "cp", f"{PROBE}:/tmp/{name}.png", str(SCREENSHOTS / f"{name}.png")], check=True)
-    return {**json.loads(out), "email": request["signup"]["email"]}
+    if BROKER == "rabbitmq":
+        request["rabbitmq"] = {
+            "url": f"http://{backend_address}:15672/",
+            "username": "admin",
+            "password": variables["rabbitmq_admin_password"],
+            "queues": ["celery", "email", "analytics"],
+        }
+    results.update(browse(request))
+    return {**results, "email": request["signup"]["email"], "https": site.https}
+
+
+def test_without_the_kit_ca_the_browser_stops_at_the_certificate_warning(seen):
+    if not seen["https"]:
+        pytest.skip("this scenario serves plain HTTP, as the sandbox does (django_app_https)")
+    assert seen["untrusted"]["ok"], seen["untrusted"]["saw"]
+    assert re.search(r"ERR_CERT_AUTHORITY_INVALID|not private", seen["untrusted"]["saw"]), seen["untrusted"]["saw"]
 
 
 def test_signup_form_confirms_and_the_email_arrives(seen, backend):

@@ -1,4 +1,4 @@
-"""End to end: site.yml deployed on two hosts signs a user up over HTTP, and a Celery
+"""End to end: site.yml deployed on two hosts signs a user up (over HTTPS in e2e-rabbitmq), and a Celery
 worker on the broker the scenario names sends the welcome email into the mail sink;
 losing one worker host's workers does not stop delivery; Flower and the RabbitMQ
 management UI answer operators with credentials only."""
@@ -27,19 +27,20 @@ RABBITMQ_APP = ("celery", scenario_variables()["rabbitmq_app_password"])
 DELIVERY_SECONDS = 60
 
 
-def sign_up(client, web_address):
+def sign_up(client, site):
     """POST a new user to the JSON signup endpoint through nginx; returns the email address."""
     token = uuid.uuid4().hex[:12]
     email = f"user-{token}@example.com"
     body = {"username": f"user-{token}", "email": email, "password": "Correct-Horse-Battery-Staple-4711"}
     response = http_request(
         client,
-        web_address,
-        80,
+        site.address,
+        site.port,
         "/api/signup/",
         method="POST",
-        headers={"Content-Type": "application/json", "Host": web_address},
+        headers={"Content-Type": "application/json", "Host": site.address},
         body=json.dumps(body),
+        https=site.https,
     )
     assert response.status == 201, response.body
     return email
@@ -49,14 +50,14 @@ def journal_since(host, unit, since):
     return host.check_output("journalctl --no-pager -o cat -u %s --since @%s", unit, str(int(since)))
 
 
-def test_readyz_names_the_broker_and_reaches_database_and_broker(backend, web_address):
-    response = http_request(backend, web_address, 80, "/readyz", headers={"Host": web_address})
+def test_readyz_names_the_broker_and_reaches_database_and_broker(backend, site):
+    response = http_request(backend, site.address, site.port, "/readyz", headers={"Host": site.address}, https=site.https)
     assert response.status == 200, response.body
     assert response.json() == {"status": "ok", "broker": BROKER, "broker_connection": "ok", "database": "ok"}
 
 
-def test_signup_over_http_delivers_the_welcome_email(backend, web_address):
-    email = sign_up(backend, web_address)
+def test_signup_delivers_the_welcome_email(backend, site):
+    email = sign_up(backend, site)
     path = wait_for_maildir_message(backend, MAILDIR, email, timeout=DELIVERY_SECONDS)
     assert path, f"no welcome email to {email} in {MAILDIR} within {DELIVERY_SECONDS} s"
     message = backend.file(path).content_string
@@ -87,13 +88,13 @@ def test_rabbitmq_management_ui_answers_the_admin_only(backend_address, front):
 
 # Stops and restarts workers: keep last.
 @pytest.mark.parametrize("lost, survivor", [("backend", "front"), ("front", "backend")])
-def test_delivery_goes_on_when_one_worker_host_loses_its_workers(request, web_address, lost, survivor):
+def test_delivery_goes_on_when_one_worker_host_loses_its_workers(request, site, lost, survivor):
     lost, survivor = request.getfixturevalue(lost), request.getfixturevalue(survivor)
     backend = request.getfixturevalue("backend")
     lost.check_output("systemctl kill --signal=SIGKILL %s && systemctl stop %s", WORKERS, WORKERS)
     try:
         started = time.time() - 1
-        email = sign_up(backend, web_address)
+        email = sign_up(backend, site)
         assert wait_for_maildir_message(backend, MAILDIR, email, timeout=DELIVERY_SECONDS), (
             f"no welcome email to {email} with one worker host down"
         )

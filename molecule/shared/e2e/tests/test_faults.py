@@ -52,8 +52,8 @@ def report():
     print("\n" + "\n".join(table))
 
 
-def signup_load(web_address, fault, count=SIGNUPS, rate=SIGNUP_RATE):
-    return SignupLoad(BACKEND, web_address, fault, count, rate)
+def signup_load(site, fault, count=SIGNUPS, rate=SIGNUP_RATE):
+    return SignupLoad(BACKEND, site, fault, count, rate)
 
 
 def record(fault, load, messages, notes=""):
@@ -81,12 +81,12 @@ def expire_redis_visibility(backend):
     return len(tags)
 
 
-def test_worker_killed_mid_task(backend, front, web_address):
+def test_worker_killed_mid_task(backend, front, site):
     """The queue fills while the email workers are stopped; both start, and one is killed
     with SIGKILL while it holds prefetched and running tasks."""
     backend.check_output("systemctl stop celery-worker@email")
     front.check_output("systemctl stop celery-worker@email")
-    load = signup_load(web_address, "sigkill").result()
+    load = signup_load(site, "sigkill").result()
     backend.check_output("systemctl start celery-worker@email")
     front.check_output("systemctl start celery-worker@email")
     time.sleep(3)
@@ -99,8 +99,8 @@ def test_worker_killed_mid_task(backend, front, web_address):
     record("SIGKILL of a worker mid-task", load, messages, notes)
 
 
-def test_broker_restart_while_publishing(backend, web_address):
-    load = signup_load(web_address, "brokerrestart")
+def test_broker_restart_while_publishing(backend, site):
+    load = signup_load(site, "brokerrestart")
     time.sleep(load.seconds / 3)
     started = time.monotonic()
     backend.check_output("systemctl restart %s", BROKER_UNIT)
@@ -115,10 +115,10 @@ def test_broker_restart_while_publishing(backend, web_address):
     )
 
 
-def test_worker_host_loses_every_worker(backend, front, web_address):
+def test_worker_host_loses_every_worker(backend, front, site):
     """Every worker process of one host dies at once (the host's power, as far as the
     workers can tell; the host also serves the web tier, which stays up)."""
-    load = signup_load(web_address, "hostdown")
+    load = signup_load(site, "hostdown")
     time.sleep(load.seconds / 3)
     front.check_output(f"systemctl kill --signal=SIGKILL {WORKER_UNITS}")
     front.check_output(f"systemctl stop {WORKER_UNITS}")
@@ -134,8 +134,8 @@ def test_worker_host_loses_every_worker(backend, front, web_address):
     record("all workers of one host SIGKILLed, stay down", result, messages, notes)
 
 
-def test_web_restart_while_publishing(backend, front, web_address):
-    load = signup_load(web_address, "webrestart")
+def test_web_restart_while_publishing(backend, front, site):
+    load = signup_load(site, "webrestart")
     time.sleep(load.seconds / 3)
     front.check_output("systemctl restart sample_app.service")
     result = load.result()

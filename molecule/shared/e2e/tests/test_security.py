@@ -14,7 +14,19 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cbk_testlib import address, direct, e2e_broker, inventory_host, pending_security_updates, scenario_variables
+import testinfra
+from cbk_testlib import (
+    address,
+    ansible_env,
+    direct,
+    e2e_broker,
+    host_variable,
+    http_request,
+    inventory_host,
+    pending_security_updates,
+    scenario_setting,
+    scenario_variables,
+)
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BROKER = e2e_broker(SCENARIO)
@@ -100,17 +112,15 @@ def secrets(variables):
     for path in (EPHEMERAL / "secrets").glob("*"):
         if path.is_file():
             found[f"generated {path.name}"] = path.read_text().strip()
+    # The kit CA's and the hosts' private keys: a line of each key's base64 body.
+    for path in Path(variables["base_tls_kit_ca_dir"]).glob("*.key"):
+        found[f"private key {path.name}"] = path.read_text().splitlines()[1]
     return found
 
 
 @pytest.fixture(scope="module")
 def broker_address(kit_hosts):
     return kit_hosts[HOSTS[0]][1]
-
-
-@pytest.fixture(scope="module")
-def web_address(kit_hosts):
-    return kit_hosts[HOSTS[1]][1]
 
 
 def test_redis_refuses_strangers_and_limits_the_app_user(broker_address, variables):
@@ -234,8 +244,42 @@ def test_flower_answers_its_admin_only(broker_address, variables):
     )
 
 
-def test_django_has_no_admin_and_no_debug_pages(web_address):
-    site = f"http://{web_address}"
+def test_https_at_nginx_and_plain_http_only_redirects(probe_trusts_kit_ca, variables):
+    site = probe_trusts_kit_ca
+    if not site.https:
+        pytest.skip("this scenario serves plain HTTP, as the sandbox does (django_app_https)")
+    plain = f"http://{site.address}"
+    secure = {"kind": "tls", "address": site.address, "port": site.port}
+    public_ca = "/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt"
+    check(
+        [
+            ("https: port 80 GET redirects", f"^301 {site.url}/signup/\\?x=1$",
+             {"kind": "http", "url": f"{plain}/signup/?x=1", "redirects": False}),
+            ("https: port 80 POST signup redirects, not run", f"^301 {site.url}/api/signup/$",
+             {"kind": "http", "url": f"{plain}/api/signup/", "method": "POST", "body": "{}", "redirects": False}),
+            ("https: signup page, kit CA trusted", "^200$", {"kind": "http", "url": f"{site.url}/signup/"}),
+            ("https: TLS 1.0 offered alone", "SSLError", {**secure, "version": "TLSv1"}),
+            ("https: TLS 1.1 offered alone", "SSLError", {**secure, "version": "TLSv1_1"}),
+            ("https: TLS 1.2", "^ok TLSv1.2$", {**secure, "version": "TLSv1_2"}),
+            ("https: TLS 1.3", "^ok TLSv1.3$", {**secure, "version": "TLSv1_3"}),
+            ("https: client trusting another CA only", "CERTIFICATE_VERIFY_FAILED",
+             {**secure, "version": "TLSv1_3", "cafile": public_ca}),
+        ]
+    )
+    # HSTS only where HTTPS is served; the redirect sets nothing, not even a cookie.
+    probe = testinfra.get_host(f"docker://{PROBE}")
+    headers = {"Host": site.address}
+    secure_page = http_request(probe, site.address, site.port, "/signup/", headers=headers, https=True)
+    redirect = http_request(probe, site.address, 80, "/signup/", headers=headers)
+    hsts = [f"max-age={scenario_setting('django_app', 'django_app_hsts_seconds')}"]
+    got = (secure_page.header("Strict-Transport-Security"), redirect.header("Strict-Transport-Security"),
+           redirect.header("Set-Cookie"))
+    report_line("https: HSTS on HTTPS, none on port 80", f"{hsts}, [], no cookie", str(got), got == (hsts, [], []))
+    assert got == (hsts, [], []), got
+
+
+def test_django_has_no_admin_and_no_debug_pages(probe_trusts_kit_ca, web_address):
+    site = probe_trusts_kit_ca.url
     page = {"kind": "http", "host": web_address}
     check(
         [
@@ -276,6 +320,54 @@ def test_postgresql_refuses_an_outside_host(broker_address, variables):
     )
 
 
+# From an app host: the database's certificate, checked as the app checks it (verify-full:
+# chain and address), against the system's trust store and against another CA only.
+POSTGRES_TLS = "openssl s_client -starttls postgres -connect %s:5432 -verify_ip %s -verify_return_error -CAfile %s"
+
+
+def test_the_app_hosts_verify_the_database_certificate(kit_hosts, broker_address):
+    if host_variable(HOSTS[0], "base_tls_certificates") == "none":
+        pytest.skip("the hosts have no certificates here (base_tls_certificates), as in the sandbox")
+    front = kit_hosts[HOSTS[1]][0]
+    env = front.check_output("grep ^DATABASE_URL= /etc/sample_app/env")
+    verified = front.run(POSTGRES_TLS + " </dev/null", broker_address, broker_address, "/etc/ssl/certs/ca-certificates.crt")
+    other = front.run(POSTGRES_TLS + " </dev/null", broker_address, broker_address,
+                      "/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt")
+    got = ("sslmode=verify-full" in env, verified.rc, other.rc != 0)
+    report_line("postgresql: app's sslmode, verified, other CA refused", "(True, 0, True)", str(got), got == (True, 0, True))
+    assert got == (True, 0, True), (verified.stdout[-500:], other.stdout[-500:])
+
+
+def test_a_wrong_certificate_or_key_stops_the_run_before_any_host_changes(kit_hosts, probe_address, variables, tmp_path):
+    if host_variable(HOSTS[0], "base_tls_certificates") == "none":
+        pytest.skip("the hosts have no certificates here (base_tls_certificates), as in the sandbox")
+    kit_ca = Path(variables["base_tls_kit_ca_dir"])
+    other_key = tmp_path / "other.key"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", other_key],
+                   check=True, capture_output=True)
+    given = {"base_tls_cert_file": kit_ca / f"{HOSTS[0]}.crt", "base_tls_key_file": kit_ca / f"{HOSTS[0]}.key",
+             "base_tls_ca_file": kit_ca / "ca.crt"}
+    state = "sha256sum /etc/ssl/certs/cbk-host.pem /etc/ssl/private/cbk-host.key /etc/nftables.conf /etc/apt/sources.list"
+    before = {name: host.check_output(state) for name, (host, _) in kit_hosts.items()}
+    for variable, wrong, message in (
+        ("base_tls_cert_file", "/nonexistent/host.crt", "is not a file on the controller"),
+        ("base_tls_key_file", other_key, "base_tls_key_file does not match base_tls_cert_file"),
+    ):
+        files = {**given, variable: wrong}
+        result = subprocess.run(
+            ["ansible-playbook", "-i", str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent), "--tags", "base",
+             "-e", f"e2e_probe_address={probe_address}", "-e", "base_tls_certificates=files",
+             *[f"-e{name}={path}" for name, path in files.items()],
+             str(Path(__file__).parent.parent / "converge.yml")],
+            env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        )
+        output = " ".join(result.stdout.split())
+        refused = result.returncode != 0 and variable in output and message in output
+        report_line(f"bad input: {variable} wrong", "refused, naming it", "refused" if refused else "NOT refused", refused)
+        assert refused, result.stdout[-3000:]
+    assert {name: host.check_output(state) for name, (host, _) in kit_hosts.items()} == before, "a refused run changed a host"
+
+
 def listening_ports(host, own_address):
     """{(address, port)} the host listens on beyond loopback, wildcards as its own address."""
     found = set()
@@ -291,8 +383,10 @@ def listening_ports(host, own_address):
     return found
 
 
-def test_only_allow_listed_ports_answer_the_probe(kit_hosts, broker_address, web_address):
+def test_only_allow_listed_ports_answer_the_probe(kit_hosts, broker_address, web_address, site):
     allowed = {(web_address, 80), (broker_address, 6379 if BROKER == "redis" else 5672)}
+    if site.https:
+        allowed.add((web_address, site.port))
     allowed.add((broker_address, 5555))  # Flower, behind its password
     if BROKER == "rabbitmq":
         allowed.add((broker_address, 15672))

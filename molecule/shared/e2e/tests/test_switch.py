@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cbk_testlib import SignupLoad, mail_tally, redis_admin, settle_mail
+from cbk_testlib import SignupLoad, ansible_env, mail_tally, redis_admin, settle_mail
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 pytestmark = pytest.mark.skipif(SCENARIO != "switch", reason="the switch runs in molecule/switch only")
@@ -58,16 +58,8 @@ def playbook(name, probe_address, *args, inventory=INVENTORY, interrupt_when=Non
     With interrupt_when, the run is interrupted once that function returns true, by SIGINT
     to its process group as Ctrl-C in a terminal sends it (under Mitogen its connection
     processes end with it), and run again to the end."""
-    env = {
-        **os.environ,
-        "ANSIBLE_CONFIG": str(INVENTORY.parent / "ansible.cfg"),
-        "ANSIBLE_ROLES_PATH": str(PROJECT / "roles"),
-        "ANSIBLE_CALLBACK_RESULT_FORMAT": "yaml",
-        "ANSIBLE_VERBOSITY": "0",
-        "ANSIBLE_LOG_PATH": "/dev/null",
-        # The log shows where a switch spends its time.
-        "ANSIBLE_CALLBACKS_ENABLED": "ansible.posix.profile_tasks",
-    }
+    # The log shows where a switch spends its time.
+    env = ansible_env(ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_tasks")
     command = ["ansible-playbook", "-i", str(inventory), "-e", f"e2e_probe_address={probe_address}", *args]
     command.append(str(PROJECT / "playbooks" / name))
     started = time.monotonic()
@@ -256,7 +248,7 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     [("redis", "rabbitmq", "keep", True), ("rabbitmq", "redis", "stop", False)],
     ids=["redis-to-rabbitmq-interrupted", "rabbitmq-to-redis"],
 )
-def test_switch_under_load(backend, front, web_address, probe_address, old, new, retire, interrupted):
+def test_switch_under_load(backend, front, site, probe_address, old, new, retire, interrupted):
     """The first switch is interrupted (Ctrl-C) once its drain workers run, before the workers
     and the web move, and run again, which must finish it."""
     hosts = (backend, front)
@@ -270,7 +262,7 @@ def test_switch_under_load(backend, front, web_address, probe_address, old, new,
     for host in hosts:
         host.check_output("systemctl start celery-worker@default")
     scheduled = [task for countdown in COUNTDOWNS for task in publish(front, f"switch-{new}-eta", 5, countdown)]
-    load = SignupLoad(PROBE, web_address, f"switch{new}", rate=SIGNUP_RATE)
+    load = SignupLoad(PROBE, site, f"switch{new}", rate=SIGNUP_RATE)
     switch = playbook(
         "switch_broker.yml",
         probe_address,
@@ -336,7 +328,7 @@ def test_switch_under_load(backend, front, web_address, probe_address, old, new,
     assert backend.service(old_unit).is_running == (retire == "keep"), f"celery_broker_retire={retire}"
 
 
-def test_hybrid_mode(backend, front, web_address, probe_address):
+def test_hybrid_mode(backend, front, site, probe_address):
     """celery_broker: hybrid puts email and priority on RabbitMQ and the other queues on
     Redis; each worker instance consumes one broker."""
     hosts = (backend, front)
@@ -348,7 +340,7 @@ def test_hybrid_mode(backend, front, web_address, probe_address):
     for host in hosts:
         host.check_output("systemctl stop celery-worker@email celery-worker@default")
     try:
-        signups = SignupLoad(PROBE, web_address, "hybrid", count=20, rate=5).result()
+        signups = SignupLoad(PROBE, site, "hybrid", count=20, rate=5).result()
         events = publish(front, "hybrid", 20)
         time.sleep(2)
         placement = {
