@@ -25,6 +25,12 @@ PROBE = (
 )
 
 
+# Debian's bundle of the system's trusted CAs (the kit CA joins it on every kit host), and one
+# public root alone: a client trusting only another CA than the kit's.
+SYSTEM_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+OTHER_CA_ONLY = "/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt"
+
+
 def inventory_host(name):
     """A testinfra host for another instance of the scenario."""
     inventory = os.environ["MOLECULE_INVENTORY_FILE"]

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cbk_testlib import address, listen, other_hosts, pending_security_updates, scenario_variables, tcp_probe
+from cbk_testlib import address, listen, other_hosts, pending_security_updates, role_defaults, scenario_variables, tcp_probe
 
 ROLE = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "roles/base"
 ROLE_VARS = yaml.safe_load((ROLE / "vars/main.yml").read_text())
-ROLE_DEFAULTS = yaml.safe_load((ROLE / "defaults/main.yml").read_text())
+ROLE_DEFAULTS = role_defaults("base")
 
 # 8081 is allowed from the peer by the inventory list, 8082 by the hook other
 # roles use; 8083 is on no list.

@@ -11,7 +11,7 @@ the idempotence step proves an unchanged password reports no change."""
 
 import pytest
 import testinfra
-from cbk_testlib import address, other_hosts, tcp_probe
+from cbk_testlib import OTHER_CA_ONLY, SYSTEM_CA_BUNDLE, address, other_hosts, tcp_probe
 
 # Debian release -> PostgreSQL major the role must have found.
 EXPECTED_MAJOR = {"12": "15", "13": "17"}
@@ -157,10 +157,10 @@ def test_the_peer_verifies_the_servers_host_certificate(host, peer, server_addre
     # The base role gave the server its host certificate (the kit CA's) and the peer the CA, in
     # its system store; the name checked is the address the app connects to.
     trusted = as_app(peer, "SHOW ssl", server_address, settings,
-                     sslmode="verify-full sslrootcert=/etc/ssl/certs/ca-certificates.crt")
+                     sslmode=f"verify-full sslrootcert={SYSTEM_CA_BUNDLE}")
     assert trusted.rc == 0 and trusted.stdout.strip() == "on", trusted.stderr
     other_ca = as_app(peer, "SELECT 1", server_address, settings,
-                      sslmode="verify-full sslrootcert=/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt")
+                      sslmode=f"verify-full sslrootcert={OTHER_CA_ONLY}")
     assert other_ca.rc != 0 and "certificate verify failed" in other_ca.stderr, other_ca.stderr
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import testinfra
 from cbk_testlib import (
+    OTHER_CA_ONLY,
+    SYSTEM_CA_BUNDLE,
     address,
     ansible_env,
     direct,
@@ -250,7 +252,6 @@ def test_https_at_nginx_and_plain_http_only_redirects(probe_trusts_kit_ca, varia
         pytest.skip("this scenario serves plain HTTP, as the sandbox does (django_app_https)")
     plain = f"http://{site.address}"
     secure = {"kind": "tls", "address": site.address, "port": site.port}
-    public_ca = "/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt"
     check(
         [
             ("https: port 80 GET redirects", f"^301 {site.url}/signup/\\?x=1$",
@@ -263,7 +264,7 @@ def test_https_at_nginx_and_plain_http_only_redirects(probe_trusts_kit_ca, varia
             ("https: TLS 1.2", "^ok TLSv1.2$", {**secure, "version": "TLSv1_2"}),
             ("https: TLS 1.3", "^ok TLSv1.3$", {**secure, "version": "TLSv1_3"}),
             ("https: client trusting another CA only", "CERTIFICATE_VERIFY_FAILED",
-             {**secure, "version": "TLSv1_3", "cafile": public_ca}),
+             {**secure, "version": "TLSv1_3", "cafile": OTHER_CA_ONLY}),
         ]
     )
     # HSTS only where HTTPS is served; the redirect sets nothing, not even a cookie.
@@ -325,22 +326,27 @@ def test_postgresql_refuses_an_outside_host(broker_address, variables):
 POSTGRES_TLS = "openssl s_client -starttls postgres -connect %s:5432 -verify_ip %s -verify_return_error -CAfile %s"
 
 
-def test_the_app_hosts_verify_the_database_certificate(kit_hosts, broker_address):
+@pytest.fixture(scope="module")
+def host_certificates():
+    """The checks of the hosts' certificates run where the scenario gives them some
+    (e2e-rabbitmq); switch has none (base_tls_certificates), as the sandbox."""
     if host_variable(HOSTS[0], "base_tls_certificates") == "none":
         pytest.skip("the hosts have no certificates here (base_tls_certificates), as in the sandbox")
+
+
+def test_the_app_hosts_verify_the_database_certificate(host_certificates, kit_hosts, broker_address):
     front = kit_hosts[HOSTS[1]][0]
     env = front.check_output("grep ^DATABASE_URL= /etc/sample_app/env")
-    verified = front.run(POSTGRES_TLS + " </dev/null", broker_address, broker_address, "/etc/ssl/certs/ca-certificates.crt")
-    other = front.run(POSTGRES_TLS + " </dev/null", broker_address, broker_address,
-                      "/usr/share/ca-certificates/mozilla/ISRG_Root_X1.crt")
+    verified = front.run(POSTGRES_TLS + " </dev/null", broker_address, broker_address, SYSTEM_CA_BUNDLE)
+    other = front.run(POSTGRES_TLS + " </dev/null", broker_address, broker_address, OTHER_CA_ONLY)
     got = ("sslmode=verify-full" in env, verified.rc, other.rc != 0)
     report_line("postgresql: app's sslmode, verified, other CA refused", "(True, 0, True)", str(got), got == (True, 0, True))
     assert got == (True, 0, True), (verified.stdout[-500:], other.stdout[-500:])
 
 
-def test_a_wrong_certificate_or_key_stops_the_run_before_any_host_changes(kit_hosts, probe_address, variables, tmp_path):
-    if host_variable(HOSTS[0], "base_tls_certificates") == "none":
-        pytest.skip("the hosts have no certificates here (base_tls_certificates), as in the sandbox")
+def test_a_wrong_certificate_or_key_stops_the_run_before_any_host_changes(
+    host_certificates, kit_hosts, probe_address, variables, tmp_path
+):
     kit_ca = Path(variables["base_tls_kit_ca_dir"])
     other_key = tmp_path / "other.key"
     subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", other_key],
