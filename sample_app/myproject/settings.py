@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.conf import global_settings
 from django.core.exceptions import ImproperlyConfigured
 
 from .celery_config import QUEUE_NAMES, build_celery_config, build_hybrid_celery_config
@@ -83,6 +84,9 @@ DATABASES = {
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_USER_MODEL = "users.User"
+# The first hashes new passwords; the others still check old hashes. Django's own list
+# (PBKDF2 first) unless set.
+PASSWORD_HASHERS = env_list("PASSWORD_HASHERS") or global_settings.PASSWORD_HASHERS
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},

@@ -15,16 +15,20 @@ DEPLOY_ENV = {
 }
 
 
-def run_check(env, *args):
+def manage(env, *args):
     base = {key: value for key, value in os.environ.items() if key in {"PATH", "HOME", "LANG"}}
     return subprocess.run(
-        [sys.executable, "-m", "django", "check", *args],
+        [sys.executable, "-m", "django", *args],
         cwd=SAMPLE_APP,
         env={**base, **env},
         capture_output=True,
         text=True,
         check=False,
     )
+
+
+def run_check(env, *args):
+    return manage(env, "check", *args)
 
 
 def test_check_deploy_is_clean_with_defaults():
@@ -59,3 +63,10 @@ def test_sentinel_broker_needs_the_master_name():
     assert "CELERY_REDIS_SENTINEL_MASTER" in result.stderr
     sentinel = {"CELERY_REDIS_SENTINEL_MASTER": "celery", "CELERY_REDIS_SENTINEL_USER": "celery-sentinel"}
     assert run_check({**env, **sentinel, "CELERY_REDIS_SENTINEL_PASSWORD": "pw"}).returncode == 0
+
+
+def test_password_hashers_come_from_the_environment():
+    hash_one = ["shell", "-c", "from django.contrib.auth.hashers import make_password; print(make_password('pw'))"]
+    assert manage(DEPLOY_ENV, *hash_one).stdout.split()[-1].startswith("pbkdf2_sha256$")
+    fast = {"PASSWORD_HASHERS": "django.contrib.auth.hashers.MD5PasswordHasher"}
+    assert manage({**DEPLOY_ENV, **fast}, *hash_one).stdout.split()[-1].startswith("md5$")
