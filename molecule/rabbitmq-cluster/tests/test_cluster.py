@@ -16,7 +16,7 @@ from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
 testinfra_hosts = ["ansible://rabbitmq"]
 
-NODES = {f"rabbit@cbk-rabbitmq-cluster-{n}": f"172.30.61.1{n}" for n in (1, 2, 3)}
+NODES = {f"rabbit@cbk-rabbitmq-cluster-{n}": f"10.203.61.1{n}" for n in (1, 2, 3)}
 CLUSTER_PORTS = (4369, 25672)
 VHOST = "celery"
 DELIVERY_LIMIT = 5  # rabbitmq_app_delivery_limit in molecule.yml

@@ -18,7 +18,7 @@ import testinfra
 from cbk_testlib import scenario_variables
 from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
-NODES = {f"cbk-redis-sentinel-n{i}": f"172.30.62.1{i}" for i in (1, 2, 3)}
+NODES = {f"cbk-redis-sentinel-n{i}": f"10.203.62.1{i}" for i in (1, 2, 3)}
 REDIS_PORT, SENTINEL_PORT, MASTER = 6379, 26379, "celery"
 # down-after-milliseconds (5 s) plus the election: a few seconds; the bound leaves room
 # for a loaded CI machine.
