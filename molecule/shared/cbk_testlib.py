@@ -46,6 +46,20 @@ def scenario_variables():
 
 
 @functools.cache
+def platform_addresses():
+    """{instance: address} of the scenario's instances that molecule.yml gives a fixed one."""
+    import yaml
+
+    config = yaml.safe_load((Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]) / "molecule.yml").read_text())
+    return {
+        platform["name"]: network["ipv4_address"]
+        for platform in config["platforms"]
+        for network in platform.get("networks", [])
+        if "ipv4_address" in network
+    }
+
+
+@functools.cache
 def role_defaults(role):
     """A role's defaults/main.yml (untemplated)."""
     import yaml

@@ -11,12 +11,12 @@ import subprocess
 import time
 
 import pytest
-from cbk_testlib import scenario_variables, tcp_probe
+from cbk_testlib import platform_addresses, scenario_variables, tcp_probe
 from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
 testinfra_hosts = ["ansible://rabbitmq"]
 
-NODES = {f"rabbit@cbk-rabbitmq-cluster-{n}": f"10.203.61.1{n}" for n in (1, 2, 3)}
+NODES = {f"rabbit@{name}": ip for name, ip in platform_addresses().items()}
 CLUSTER_PORTS = (4369, 25672)
 VHOST = "celery"
 DELIVERY_LIMIT = 5  # rabbitmq_app_delivery_limit in molecule.yml

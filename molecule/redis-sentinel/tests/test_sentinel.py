@@ -15,10 +15,10 @@ import uuid
 
 import pytest
 import testinfra
-from cbk_testlib import scenario_variables
+from cbk_testlib import platform_addresses, scenario_variables
 from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
-NODES = {f"cbk-redis-sentinel-n{i}": f"10.203.62.1{i}" for i in (1, 2, 3)}
+NODES = platform_addresses()
 REDIS_PORT, SENTINEL_PORT, MASTER = 6379, 26379, "celery"
 # down-after-milliseconds (5 s) plus the election: a few seconds; the bound leaves room
 # for a loaded CI machine.
