@@ -336,6 +336,18 @@ class Site:
         self.url = f"{'https' if self.https else 'http'}://{address}"
 
 
+class ManagementUI:
+    """Where the RabbitMQ management UI and API answer: HTTPS with the host's certificate or
+    plain HTTP (rabbitmq_management_tls_enabled, as the scenario templates it for the broker)."""
+
+    def __init__(self, broker_host, address):
+        self.address = address
+        self.https = host_variable(broker_host, "rabbitmq_management_tls_enabled") is True
+        self.port = int(scenario_setting("rabbitmq", "rabbitmq_management_port"))
+        self.url = f"{'https' if self.https else 'http'}://{address}:{self.port}"
+        self.api = f"{self.url}/api/"
+
+
 # Runs in a scenario container: signs users up through nginx at a fixed rate, `count` of them
 # or, with count None, until its stdin closes; prints which addresses the web tier accepted
 # and what it said to the others.

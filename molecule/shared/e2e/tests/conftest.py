@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from cbk_testlib import Site, address, direct, inventory_host, scenario_variables
+from cbk_testlib import ManagementUI, Site, address, direct, inventory_host, scenario_variables
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BACKEND = f"cbk-{SCENARIO}-debian12"
@@ -46,6 +46,12 @@ def probe_address():
 def site(web_address):
     """The app as clients reach it: HTTPS at nginx in e2e-rabbitmq, plain HTTP in switch."""
     return Site(FRONT, web_address)
+
+
+@pytest.fixture(scope="session")
+def management(backend_address):
+    """RabbitMQ's management UI: HTTPS with the broker host's certificate in e2e-rabbitmq."""
+    return ManagementUI(BACKEND, backend_address)
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ def browse(request):
 
 
 @pytest.fixture(scope="module")
-def seen(backend, front, backend_address, probe_trusts_kit_ca):
+def seen(backend, front, backend_address, probe_trusts_kit_ca, management):
     """Run every browser check once from the probe; {check: {"ok", "saw"}}. Over HTTPS, the
     browser first meets the site without the kit CA, then trusts it (in chromium's own
     certificate store) and signs up."""
@@ -69,7 +69,7 @@ def seen(backend, front, backend_address, probe_trusts_kit_ca):
     }
     if BROKER == "rabbitmq":
         request["rabbitmq"] = {
-            "url": f"http://{backend_address}:15672/",
+            "url": f"{management.url}/",
             "username": "admin",
             "password": variables["rabbitmq_admin_password"],
             "queues": ["celery", "email", "analytics"],

@@ -75,10 +75,10 @@ def test_flower_shows_the_workers_of_both_hosts_with_credentials_only(backend, b
     assert hostnames == {backend.check_output("uname -n"), front.check_output("uname -n")}
 
 
-def test_rabbitmq_management_ui_answers_the_admin_only(backend_address, front):
+def test_rabbitmq_management_ui_answers_the_admin_only(management, front):
     if BROKER != "rabbitmq":
         pytest.skip("the management UI belongs to RabbitMQ")
-    url = f"http://{backend_address}:15672/api/queues/celery"
+    url = f"{management.api}queues/celery"
     assert http_get(front, url)[0] == 401
     assert http_get(front, url, *RABBITMQ_APP)[0] == 401
     status, body = http_get(front, url, *RABBITMQ_ADMIN)

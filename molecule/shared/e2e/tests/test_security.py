@@ -173,10 +173,12 @@ def test_redis_refuses_strangers_and_limits_the_app_user(broker_address, variabl
     check(probes)
 
 
-def test_rabbitmq_refuses_guest_and_keeps_the_app_user_out_of_the_management_api(broker_address, variables):
+def test_rabbitmq_refuses_guest_and_keeps_the_app_user_out_of_the_management_api(
+    broker_address, variables, management, probe_trusts_kit_ca
+):
     if BROKER != "rabbitmq":
         pytest.skip("RabbitMQ is not this scenario's broker")
-    api = f"http://{broker_address}:15672/api/overview"
+    api = f"{management.api}overview"
     app_password = variables["rabbitmq_app_password"]
     amqp = {"kind": "amqp", "address": broker_address, "port": 5672}
     check(
@@ -277,6 +279,25 @@ def test_https_at_nginx_and_plain_http_only_redirects(probe_trusts_kit_ca, varia
            redirect.header("Set-Cookie"))
     report_line("https: HSTS on HTTPS, none on port 80", f"{hsts}, [], no cookie", str(got), got == (hsts, [], []))
     assert got == (hsts, [], []), got
+
+
+def test_rabbitmq_management_ui_over_https_only(management, probe_trusts_kit_ca):
+    if BROKER != "rabbitmq" or not management.https:
+        pytest.skip("this scenario serves the management UI over plain HTTP (rabbitmq_management_tls_enabled)")
+    secure = {"kind": "tls", "address": management.address, "port": management.port}
+    check(
+        [
+            # The TLS listener answers a plain request with a TLS alert, or closes.
+            ("management: plain HTTP on its port", "RemoteDisconnected|BadStatusLine|ConnectionResetError",
+             {"kind": "http", "url": management.url.replace("https://", "http://", 1) + "/api/overview"}),
+            ("management: over HTTPS, kit CA trusted", "^200$", {"kind": "http", "url": management.url + "/"}),
+            ("management: TLS 1.1 offered alone", "SSLError", {**secure, "version": "TLSv1_1"}),
+            ("management: TLS 1.2", "^ok TLSv1.2$", {**secure, "version": "TLSv1_2"}),
+            ("management: TLS 1.3", "^ok TLSv1.3$", {**secure, "version": "TLSv1_3"}),
+            ("management: client trusting another CA only", "CERTIFICATE_VERIFY_FAILED",
+             {**secure, "version": "TLSv1_3", "cafile": OTHER_CA_ONLY}),
+        ]
+    )
 
 
 def test_django_has_no_admin_and_no_debug_pages(probe_trusts_kit_ca, web_address):
