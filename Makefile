@@ -9,7 +9,7 @@ BENCH_VENV := .cache/bench-venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help toolchain host apt-cache sandbox deploy destroy lint molecule app-test test test-ha bench-deploy bench matrix
+.PHONY: help toolchain host apt-cache sandbox deploy destroy lint role-docs molecule app-test test test-ha bench-deploy bench matrix
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -42,9 +42,13 @@ deploy: sandbox ## deploy the whole stack on the sandbox and say where it is
 destroy: toolchain ## remove the sandbox hosts and network (images and caches stay)
 	ansible-playbook playbooks/sandbox/destroy.yml
 
-lint: toolchain ## yamllint and ansible-lint (production profile)
+lint: toolchain ## yamllint, ansible-lint (production profile), role READMEs' variables tables up to date
 	yamllint --strict .
 	ansible-lint --profile production
+	python scripts/role_docs.py --check
+
+role-docs: toolchain ## write each role README's variables table from its meta/argument_specs.yml
+	python scripts/role_docs.py
 
 molecule: apt-cache ## every Molecule scenario (SCENARIOS="a b" for a subset)
 	bash scripts/run-tests.sh molecule $(SCENARIOS)
