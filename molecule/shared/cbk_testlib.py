@@ -336,16 +336,24 @@ class Site:
         self.url = f"{'https' if self.https else 'http'}://{address}"
 
 
-class ManagementUI:
-    """Where the RabbitMQ management UI and API answer: HTTPS with the host's certificate or
-    plain HTTP (rabbitmq_management_tls_enabled, as the scenario templates it for the broker)."""
+class OperatorUI:
+    """Where an operators' web UI answers, RabbitMQ's management UI or Flower: HTTPS with the
+    host's certificate or plain HTTP, as the scenario templates the role's TLS switch for the host."""
 
-    def __init__(self, broker_host, address):
+    def __init__(self, host, address, role, tls_variable, port_variable):
         self.address = address
-        self.https = host_variable(broker_host, "rabbitmq_management_tls_enabled") is True
-        self.port = int(scenario_setting("rabbitmq", "rabbitmq_management_port"))
+        self.https = host_variable(host, tls_variable) is True
+        self.port = int(scenario_setting(role, port_variable))
         self.url = f"{'https' if self.https else 'http'}://{address}:{self.port}"
         self.api = f"{self.url}/api/"
+
+
+def management_ui(broker_host, address):
+    return OperatorUI(broker_host, address, "rabbitmq", "rabbitmq_management_tls_enabled", "rabbitmq_management_port")
+
+
+def flower_ui(flower_host, address):
+    return OperatorUI(flower_host, address, "celery_worker", "celery_worker_flower_tls_enabled", "celery_worker_flower_port")
 
 
 # Runs in a scenario container: signs users up through nginx at a fixed rate, `count` of them

@@ -6,7 +6,7 @@ import os
 import subprocess
 
 import pytest
-from cbk_testlib import ManagementUI, Site, address, direct, inventory_host, scenario_variables
+from cbk_testlib import Site, address, direct, flower_ui, inventory_host, management_ui, scenario_variables
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BACKEND = f"cbk-{SCENARIO}-debian12"
@@ -51,7 +51,13 @@ def site(web_address):
 @pytest.fixture(scope="session")
 def management(backend_address):
     """RabbitMQ's management UI: HTTPS with the broker host's certificate in e2e-rabbitmq."""
-    return ManagementUI(BACKEND, backend_address)
+    return management_ui(BACKEND, backend_address)
+
+
+@pytest.fixture(scope="session")
+def flower(backend_address):
+    """Flower, on the first worker (debian12): HTTPS with that host's certificate in e2e-rabbitmq."""
+    return flower_ui(BACKEND, backend_address)
 
 
 @pytest.fixture(scope="session")

@@ -42,7 +42,7 @@ def browse(request):
 
 
 @pytest.fixture(scope="module")
-def seen(backend, front, backend_address, probe_trusts_kit_ca, management):
+def seen(backend, front, probe_trusts_kit_ca, management, flower):
     """Run every browser check once from the probe; {check: {"ok", "saw"}}. Over HTTPS, the
     browser first meets the site without the kit CA, then trusts it (in chromium's own
     certificate store) and signs up."""
@@ -61,7 +61,7 @@ def seen(backend, front, backend_address, probe_trusts_kit_ca, management):
             "password": "Correct-Horse-Battery-Staple-4711",
         },
         "flower": {
-            "url": f"http://{backend_address}:5555",
+            "url": flower.url,
             "username": "admin",
             "password": variables["celery_worker_flower_password"],
             "workers": [f"@{host.check_output('uname -n')}" for host in (backend, front)],

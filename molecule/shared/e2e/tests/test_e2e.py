@@ -65,8 +65,8 @@ def test_signup_delivers_the_welcome_email(backend, site):
     assert "From: welcome@e2e.invalid" in message
 
 
-def test_flower_shows_the_workers_of_both_hosts_with_credentials_only(backend, backend_address, front):
-    url = f"http://{backend_address}:5555/api/workers?refresh=1"
+def test_flower_shows_the_workers_of_both_hosts_with_credentials_only(backend, flower, front):
+    url = f"{flower.api}workers?refresh=1"
     assert http_get(front, url)[0] == 401
     assert http_get(front, url, FLOWER[0], "wrong-password-123456")[0] == 401
     status, body = http_get(front, url, *FLOWER)

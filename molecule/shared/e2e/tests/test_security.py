@@ -228,8 +228,8 @@ def test_rabbitmq_refuses_guest_and_keeps_the_app_user_out_of_the_management_api
     )
 
 
-def test_flower_answers_its_admin_only(broker_address, variables):
-    api = f"http://{broker_address}:5555/api/workers"
+def test_flower_answers_its_admin_only(variables, flower, probe_trusts_kit_ca):
+    api = f"{flower.api}workers"
     http = {"kind": "http", "url": api}
     check(
         [
@@ -281,20 +281,24 @@ def test_https_at_nginx_and_plain_http_only_redirects(probe_trusts_kit_ca, varia
     assert got == (hsts, [], []), got
 
 
-def test_rabbitmq_management_ui_over_https_only(management, probe_trusts_kit_ca):
-    if BROKER != "rabbitmq" or not management.https:
-        pytest.skip("this scenario serves the management UI over plain HTTP (rabbitmq_management_tls_enabled)")
-    secure = {"kind": "tls", "address": management.address, "port": management.port}
+@pytest.mark.parametrize("ui", ["management", "flower"])
+def test_operator_uis_over_https_only(request, ui, probe_trusts_kit_ca):
+    if ui == "management" and BROKER != "rabbitmq":
+        pytest.skip("the management UI belongs to RabbitMQ")
+    served = request.getfixturevalue(ui)
+    if not served.https:
+        pytest.skip(f"this scenario serves {ui} over plain HTTP (its role's TLS switch)")
+    secure = {"kind": "tls", "address": served.address, "port": served.port}
     check(
         [
-            # The TLS listener answers a plain request with a TLS alert, or closes.
-            ("management: plain HTTP on its port", "RemoteDisconnected|BadStatusLine|ConnectionResetError",
-             {"kind": "http", "url": management.url.replace("https://", "http://", 1) + "/api/overview"}),
-            ("management: over HTTPS, kit CA trusted", "^200$", {"kind": "http", "url": management.url + "/"}),
-            ("management: TLS 1.1 offered alone", "SSLError", {**secure, "version": "TLSv1_1"}),
-            ("management: TLS 1.2", "^ok TLSv1.2$", {**secure, "version": "TLSv1_2"}),
-            ("management: TLS 1.3", "^ok TLSv1.3$", {**secure, "version": "TLSv1_3"}),
-            ("management: client trusting another CA only", "CERTIFICATE_VERIFY_FAILED",
+            # A TLS listener answers a plain request with a TLS alert, or closes.
+            (f"{ui}: plain HTTP on its port", "RemoteDisconnected|BadStatusLine|ConnectionResetError",
+             {"kind": "http", "url": served.url.replace("https://", "http://", 1) + "/"}),
+            (f"{ui}: over HTTPS, kit CA trusted", "^200$|^401$", {"kind": "http", "url": served.url + "/"}),
+            (f"{ui}: TLS 1.1 offered alone", "SSLError", {**secure, "version": "TLSv1_1"}),
+            (f"{ui}: TLS 1.2", "^ok TLSv1.2$", {**secure, "version": "TLSv1_2"}),
+            (f"{ui}: TLS 1.3", "^ok TLSv1.3$", {**secure, "version": "TLSv1_3"}),
+            (f"{ui}: client trusting another CA only", "CERTIFICATE_VERIFY_FAILED",
              {**secure, "version": "TLSv1_3", "cafile": OTHER_CA_ONLY}),
         ]
     )
