@@ -94,9 +94,11 @@ def look(url, queues, restore=False):
     With restore, orphans found by the previous look too go back to their queue, unless a
     worker that answered then is silent now: a live worker slow to answer must not have
     its tasks run a second time."""
-    # The app's transport options: on Redis its priority steps, one list each, all counted.
-    options = build_celery_config(url)["broker_transport_options"]
-    with Connection(url, connect_timeout=5, transport_options=options) as connection:
+    # The app's transport options (on Redis its priority steps, one list each, all counted)
+    # and TLS options (amqps:// and rediss:// verify the broker, as the app does).
+    config = build_celery_config(url)
+    options = config["broker_transport_options"]
+    with Connection(url, connect_timeout=5, transport_options=options, ssl=config.get("broker_use_ssl", False)) as connection:
         connection.ensure_connection(max_retries=1)
         waiting, orphaned = {}, 0
         for queue in queues:

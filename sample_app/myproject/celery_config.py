@@ -120,7 +120,7 @@ def build_celery_config(broker_url, result_backend=None, quorum_queues=False, qu
             raise ValueError("Quorum queues are a RabbitMQ feature; turn CELERY_QUORUM_QUEUES off for Redis.")
         config.update(_redis_config(broker_url, queue_names))
     else:
-        config.update(_rabbitmq_config(quorum_queues, queue_names))
+        config.update(_rabbitmq_config(broker_url, quorum_queues, queue_names))
     for url, options in [
         (broker_url, "broker_transport_options"),
         (result_backend, "result_backend_transport_options"),
@@ -190,7 +190,22 @@ def _redis_config(broker_url, queue_names):
     return config
 
 
-def _rabbitmq_config(quorum_queues, queue_names):
+def _amqps_options(broker_url):
+    """TLS options of an amqps:// URL: py-amqp then verifies the broker's certificate against the
+    system's trust store and, with server_hostname None, kombu checks it names the URL's host.
+
+    kombu (5.6) writes that host into these options in place, so after failing over to another
+    node it would check the first node's name: a list of amqps:// URLs is refused.
+    """
+    if ";" in broker_url:
+        raise ValueError(
+            "A list of amqps:// URLs cannot fail over with the broker's name checked (kombu keeps the first "
+            "node's): list amqp:// URLs, or give one amqps:// URL"
+        )
+    return {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
+
+
+def _rabbitmq_config(broker_url, quorum_queues, queue_names):
     queue_arguments = {
         # Messages that are rejected, expire or exceed a delivery limit go to celery.dlx -> dead_letter.
         "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name,
@@ -215,4 +230,6 @@ def _rabbitmq_config(quorum_queues, queue_names):
         # Unprioritised messages would be treated as 0 (lowest); put them in the middle instead.
         config["task_default_priority"] = DEFAULT_PRIORITY
     config["task_queues"] = _queues(queue_names, queue_arguments)
+    if broker_scheme(broker_url) == "amqps":
+        config["broker_use_ssl"] = _amqps_options(broker_url)
     return config

@@ -108,6 +108,17 @@ def test_rediss_verifies_certificates():
     assert config["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
+def test_amqps_verifies_the_certificate_and_the_brokers_name():
+    config = build_celery_config("amqps://app:pw@10.0.0.5:5671/app")
+    assert config["broker_use_ssl"] == {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
+    assert "broker_use_ssl" not in build_celery_config(RABBITMQ_URL)
+
+
+def test_a_list_of_amqps_urls_is_refused():
+    with pytest.raises(ValueError, match="amqps"):
+        build_celery_config("amqps://app:pw@10.0.0.5:5671/app;amqps://app:pw@10.0.0.6:5671/app")
+
+
 def test_rabbitmq_settings_classic_queues():
     config = build_celery_config(RABBITMQ_URL)
     assert config["broker_transport_options"] == {"confirm_publish": True}

@@ -31,11 +31,15 @@ def redis(address, port, command, username=None, password=None):
     return f"ok {str(reply)[:40]}"
 
 
-def amqp(address, port, username, password, vhost):
+def amqp(address, port, username, password, vhost, tls=False):
+    """An AMQP login; with tls, over TLS verified against the system's CAs, the name included."""
+    import ssl
+
     import amqp as py_amqp
 
+    options = {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": address} if tls else False
     with py_amqp.Connection(
-        f"{address}:{port}", userid=username, password=password, virtual_host=vhost, connect_timeout=TIMEOUT
+        f"{address}:{port}", userid=username, password=password, virtual_host=vhost, connect_timeout=TIMEOUT, ssl=options
     ) as connection:
         connection.connect()
     return "ok"

@@ -13,6 +13,8 @@ import subprocess
 import uuid
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import pytest
 import testinfra
 from cbk_testlib import (
@@ -125,6 +127,14 @@ def broker_address(kit_hosts):
     return kit_hosts[HOSTS[0]][1]
 
 
+@pytest.fixture(scope="module")
+def amqp_endpoint(broker_address):
+    """RabbitMQ's client port as the scenario serves it: AMQPS only in e2e-rabbitmq."""
+    tls = host_variable(HOSTS[0], "rabbitmq_tls_only") is True
+    port = int(scenario_setting("rabbitmq", "rabbitmq_amqps_port" if tls else "rabbitmq_amqp_port"))
+    return SimpleNamespace(address=broker_address, port=port, tls=tls, https=tls)
+
+
 def test_redis_refuses_strangers_and_limits_the_app_user(broker_address, variables):
     if BROKER != "redis":
         pytest.skip("Redis is not this scenario's broker")
@@ -174,13 +184,13 @@ def test_redis_refuses_strangers_and_limits_the_app_user(broker_address, variabl
 
 
 def test_rabbitmq_refuses_guest_and_keeps_the_app_user_out_of_the_management_api(
-    broker_address, variables, management, probe_trusts_kit_ca
+    broker_address, variables, management, amqp_endpoint, probe_trusts_kit_ca
 ):
     if BROKER != "rabbitmq":
         pytest.skip("RabbitMQ is not this scenario's broker")
     api = f"{management.api}overview"
     app_password = variables["rabbitmq_app_password"]
-    amqp = {"kind": "amqp", "address": broker_address, "port": 5672}
+    amqp = {"kind": "amqp", "address": broker_address, "port": amqp_endpoint.port, "tls": amqp_endpoint.tls}
     check(
         [
             (
@@ -281,20 +291,28 @@ def test_https_at_nginx_and_plain_http_only_redirects(probe_trusts_kit_ca, varia
     assert got == (hsts, [], []), got
 
 
-@pytest.mark.parametrize("ui", ["management", "flower"])
-def test_operator_uis_over_https_only(request, ui, probe_trusts_kit_ca):
-    if ui == "management" and BROKER != "rabbitmq":
-        pytest.skip("the management UI belongs to RabbitMQ")
+@pytest.mark.parametrize("ui", ["management", "flower", "amqp_endpoint"])
+def test_operator_uis_and_amqp_over_tls_only(request, ui, probe_trusts_kit_ca, broker_address):
+    if ui != "flower" and BROKER != "rabbitmq":
+        pytest.skip("RabbitMQ is not this scenario's broker")
     served = request.getfixturevalue(ui)
     if not served.https:
-        pytest.skip(f"this scenario serves {ui} over plain HTTP (its role's TLS switch)")
+        pytest.skip(f"this scenario serves {ui} in plain text (its role's TLS switch)")
     secure = {"kind": "tls", "address": served.address, "port": served.port}
-    check(
-        [
-            # A TLS listener answers a plain request with a TLS alert, or closes.
+    if ui == "amqp_endpoint":
+        plain_port = int(scenario_setting("rabbitmq", "rabbitmq_amqp_port"))
+        plain = [(f"amqp: plain AMQP port {plain_port} (rabbitmq_tls_only)", REFUSED,
+                  {"kind": "tcp", "address": broker_address, "port": plain_port})]
+    else:
+        # A TLS listener answers a plain request with a TLS alert, or closes.
+        plain = [
             (f"{ui}: plain HTTP on its port", "RemoteDisconnected|BadStatusLine|ConnectionResetError",
              {"kind": "http", "url": served.url.replace("https://", "http://", 1) + "/"}),
             (f"{ui}: over HTTPS, kit CA trusted", "^200$|^401$", {"kind": "http", "url": served.url + "/"}),
+        ]
+    check(
+        [
+            *plain,
             (f"{ui}: TLS 1.1 offered alone", "SSLError", {**secure, "version": "TLSv1_1"}),
             (f"{ui}: TLS 1.2", "^ok TLSv1.2$", {**secure, "version": "TLSv1_2"}),
             (f"{ui}: TLS 1.3", "^ok TLSv1.3$", {**secure, "version": "TLSv1_3"}),
@@ -414,13 +432,15 @@ def listening_ports(host, own_address):
     return found
 
 
-def test_only_allow_listed_ports_answer_the_probe(kit_hosts, broker_address, web_address, site):
-    allowed = {(web_address, 80), (broker_address, 6379 if BROKER == "redis" else 5672)}
+def test_only_allow_listed_ports_answer_the_probe(
+    kit_hosts, broker_address, web_address, site, amqp_endpoint, flower, management
+):
+    allowed = {(web_address, 80), (broker_address, 6379 if BROKER == "redis" else amqp_endpoint.port)}
     if site.https:
         allowed.add((web_address, site.port))
-    allowed.add((broker_address, 5555))  # Flower, behind its password
+    allowed.add((broker_address, flower.port))  # Flower, behind its password
     if BROKER == "rabbitmq":
-        allowed.add((broker_address, 15672))
+        allowed.add((broker_address, management.port))
     probes = []
     for name, (host, own_address) in kit_hosts.items():
         for ip, port in sorted(listening_ports(host, own_address)):

@@ -191,6 +191,16 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     assert result.returncode != 0
     assert "inventory group 'rabbitmq' has no hosts" in result.stdout, result.stdout[-2000:]
 
+    # AMQP over TLS only on a RabbitMQ cluster, which the app reaches over amqp://.
+    hosts["all"]["children"]["rabbitmq"] = {
+        "hosts": {f"mq{node}.invalid": None for node in (1, 2, 3)},
+        "vars": {"rabbitmq_tls_enabled": True, "rabbitmq_tls_only": True},
+    }
+    hosts_file.write_text(yaml.safe_dump(hosts))
+    result = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq", inventory=inventory)
+    assert result.returncode != 0
+    assert "rabbitmq_tls_only is true on a RabbitMQ cluster of 3 hosts" in result.stdout, result.stdout[-2000:]
+
     # A task scheduled beyond the drain timeout of the refusal below (30 s), well within that
     # of the switch after it (600 s), which must still run it once; held by a worker that then
     # dies: Redis keeps the message in its `unacked` hash, where only visibility_timeout (1 h)
