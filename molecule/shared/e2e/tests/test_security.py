@@ -291,15 +291,15 @@ def test_https_at_nginx_and_plain_http_only_redirects(probe_trusts_kit_ca, varia
     assert got == (hsts, [], []), got
 
 
-@pytest.mark.parametrize("ui", ["management", "flower", "amqp_endpoint"])
+@pytest.mark.parametrize("ui", ["management", "flower", "amqps"])
 def test_operator_uis_and_amqp_over_tls_only(request, ui, probe_trusts_kit_ca, broker_address):
     if ui != "flower" and BROKER != "rabbitmq":
         pytest.skip("RabbitMQ is not this scenario's broker")
-    served = request.getfixturevalue(ui)
+    served = request.getfixturevalue("amqp_endpoint" if ui == "amqps" else ui)
     if not served.https:
         pytest.skip(f"this scenario serves {ui} in plain text (its role's TLS switch)")
     secure = {"kind": "tls", "address": served.address, "port": served.port}
-    if ui == "amqp_endpoint":
+    if ui == "amqps":
         plain_port = int(scenario_setting("rabbitmq", "rabbitmq_amqp_port"))
         plain = [(f"amqp: plain AMQP port {plain_port} (rabbitmq_tls_only)", REFUSED,
                   {"kind": "tcp", "address": broker_address, "port": plain_port})]

@@ -191,11 +191,10 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     assert result.returncode != 0
     assert "inventory group 'rabbitmq' has no hosts" in result.stdout, result.stdout[-2000:]
 
-    # AMQP over TLS only on a RabbitMQ cluster, which the app reaches over amqp://.
-    hosts["all"]["children"]["rabbitmq"] = {
-        "hosts": {f"mq{node}.invalid": None for node in (1, 2, 3)},
-        "vars": {"rabbitmq_tls_enabled": True, "rabbitmq_tls_only": True},
-    }
+    # AMQP over TLS only on a RabbitMQ cluster, which the app reaches over amqp://. Host
+    # variables: the scenario's group_vars/all would win over the inventory file's group vars.
+    tls_only = {"rabbitmq_tls_enabled": True, "rabbitmq_tls_only": True}
+    hosts["all"]["children"]["rabbitmq"] = {"hosts": {f"mq{node}.invalid": tls_only for node in (1, 2, 3)}}
     hosts_file.write_text(yaml.safe_dump(hosts))
     result = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq", inventory=inventory)
     assert result.returncode != 0
