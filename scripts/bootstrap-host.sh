@@ -18,10 +18,11 @@ die() { echo "bootstrap: $*" >&2; exit 1; }
 free_gb=$(df -P --block-size=1G /var/lib | awk 'NR==2 {print $4}')
 [ "$free_gb" -ge "$MIN_FREE_GB" ] || die "only ${free_gb} GiB free under /var/lib, need ${MIN_FREE_GB} GiB"
 
-if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then
-  echo "bootstrap: installing docker.io and debootstrap"
+# ssh: Ansible's connection to servers (production.example, and the e2e-rabbitmq scenario).
+if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null || ! command -v ssh >/dev/null; then
+  echo "bootstrap: installing docker.io, debootstrap and the ssh client"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap openssh-client >/dev/null
 fi
 
 # There is no init system on these machines: start the daemon detached.

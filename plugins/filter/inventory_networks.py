@@ -1,6 +1,9 @@
 # The allow-lists' default: the hosts of some inventory groups, each as one /32 (/128).
 # Roles call it from their defaults, e.g.
 #   postgresql_client_networks: "{{ postgresql_client_groups | group_networks(groups, hostvars) }}"
+# and whether an address is inside an allow-list, e.g. the run's own SSH client in sshd's.
+
+import ipaddress
 
 
 def group_networks(group_names, groups, hostvars):
@@ -25,6 +28,18 @@ def group_networks(group_names, groups, hostvars):
     return networks
 
 
+def address_in_networks(address, networks):
+    """True when the address lies in one of the CIDRs (an unparsable entry matches nothing)."""
+    ip = ipaddress.ip_address(address)
+    for network in networks:
+        try:
+            if ip in ipaddress.ip_network(network, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
 class FilterModule:
     def filters(self):
-        return {"group_networks": group_networks}
+        return {"group_networks": group_networks, "address_in_networks": address_in_networks}

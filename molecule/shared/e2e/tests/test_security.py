@@ -387,26 +387,15 @@ def test_the_app_hosts_verify_the_database_certificate(host_certificates, kit_ho
     assert got == (True, 0, True), (verified.stdout[-500:], other.stdout[-500:])
 
 
-def test_a_wrong_certificate_or_key_stops_the_run_before_any_host_changes(
-    host_certificates, kit_hosts, probe_address, variables, tmp_path
-):
-    kit_ca = Path(variables["base_tls_kit_ca_dir"])
-    other_key = tmp_path / "other.key"
-    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", other_key],
-                   check=True, capture_output=True)
-    given = {"base_tls_cert_file": kit_ca / f"{HOSTS[0]}.crt", "base_tls_key_file": kit_ca / f"{HOSTS[0]}.key",
-             "base_tls_ca_file": kit_ca / "ca.crt"}
+def refused_before_any_host_changes(kit_hosts, probe_address, cases):
+    """Run the converge's base tier once per (variable, extra vars, message) case: each run must
+    fail naming the variable, with the message, and leave every host as it was."""
     state = "sha256sum /etc/ssl/certs/cbk-host.pem /etc/ssl/private/cbk-host.key /etc/nftables.conf /etc/apt/sources.list"
     before = {name: host.check_output(state) for name, (host, _) in kit_hosts.items()}
-    for variable, wrong, message in (
-        ("base_tls_cert_file", "/nonexistent/host.crt", "is not a file on the controller"),
-        ("base_tls_key_file", other_key, "base_tls_key_file does not match base_tls_cert_file"),
-    ):
-        files = {**given, variable: wrong}
+    for variable, extra_vars, message in cases:
         result = subprocess.run(
             ["ansible-playbook", "-i", str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent), "--tags", "base",
-             "-e", f"e2e_probe_address={probe_address}", "-e", "base_tls_certificates=files",
-             *[f"-e{name}={path}" for name, path in files.items()],
+             "-e", f"e2e_probe_address={probe_address}", "-e", json.dumps(extra_vars, default=str),
              str(Path(__file__).parent.parent / "converge.yml")],
             env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
         )
@@ -415,6 +404,80 @@ def test_a_wrong_certificate_or_key_stops_the_run_before_any_host_changes(
         report_line(f"bad input: {variable} wrong", "refused, naming it", "refused" if refused else "NOT refused", refused)
         assert refused, result.stdout[-3000:]
     assert {name: host.check_output(state) for name, (host, _) in kit_hosts.items()} == before, "a refused run changed a host"
+
+
+def test_a_wrong_certificate_or_key_stops_the_run_before_any_host_changes(
+    host_certificates, kit_hosts, probe_address, variables, tmp_path
+):
+    kit_ca = Path(variables["base_tls_kit_ca_dir"])
+    other_key = tmp_path / "other.key"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", other_key],
+                   check=True, capture_output=True)
+    given = {"base_tls_certificates": "files", "base_tls_cert_file": kit_ca / f"{HOSTS[0]}.crt",
+             "base_tls_key_file": kit_ca / f"{HOSTS[0]}.key", "base_tls_ca_file": kit_ca / "ca.crt"}
+    refused_before_any_host_changes(kit_hosts, probe_address, [
+        ("base_tls_cert_file", {**given, "base_tls_cert_file": "/nonexistent/host.crt"}, "is not a file on the controller"),
+        ("base_tls_key_file", {**given, "base_tls_key_file": other_key}, "base_tls_key_file does not match base_tls_cert_file"),
+    ])
+
+
+@pytest.fixture(scope="module")
+def ssh_logins():
+    """{inventory name: its SSH settings} as prepare.yml filled them in: e2e-rabbitmq reaches its
+    hosts as production.example does; switch through docker, as the sandbox."""
+    if host_variable(HOSTS[0], "e2e_production") is not True:
+        pytest.skip("the hosts are reached through docker here, as in the sandbox")
+    import yaml
+
+    return yaml.safe_load((Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent / "ssh.yml").read_text())["all"]["hosts"]
+
+
+def ssh(settings, *command, options=()):
+    """A new login from the controller with the inventory's settings, sharing no connection."""
+    return subprocess.run(
+        ["ssh", "-i", settings["ansible_ssh_private_key_file"], *settings["ansible_ssh_common_args"].split(),
+         "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes", "-o", "ControlMaster=no", *options,
+         f"{settings['ansible_user']}@{settings['ansible_host']}", *command],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_operators_log_in_over_ssh_with_their_key_only_and_sudo(ssh_logins, kit_hosts):
+    expected_sshd = {
+        "port": str(scenario_setting("base", "base_ssh_port")),
+        "passwordauthentication": "no",
+        "kbdinteractiveauthentication": "no",
+        "permitrootlogin": "without-password",  # prohibit-password, as sshd -T spells it
+        "maxauthtries": str(scenario_setting("base", "base_ssh_max_auth_tries")),
+        "allowtcpforwarding": "no",
+    }
+    for name, settings in ssh_logins.items():
+        short = name.removeprefix(f"cbk-{SCENARIO}-")
+        host = kit_hosts[name][0]
+        with_key = ssh(settings, "sudo", "-n", "id", "-u")
+        password = ssh(settings, "true", options=("-o", "PubkeyAuthentication=no",
+                                                  "-o", "PreferredAuthentications=password,keyboard-interactive"))
+        effective = dict(line.split(" ", 1) for line in host.check_output("sshd -T").splitlines() if " " in line)
+        # The converge itself logged in as deploy with the key, from the controller.
+        converge_logins = host.check_output("journalctl -u ssh -o cat | grep -c 'Accepted publickey for deploy' || true")
+        got = {
+            "key login + sudo": with_key.stdout.strip(),
+            "password login": "refused" if "Permission denied (publickey)" in password.stderr else password.stderr.strip(),
+            "sshd": {key: effective.get(key) for key in expected_sshd},
+            "Ansible's logins": int(converge_logins or 0) > 0,
+        }
+        expected = {"key login + sudo": "0", "password login": "refused", "sshd": expected_sshd, "Ansible's logins": True}
+        report_line(f"ssh to {short}: key + sudo, password, sshd -T, Ansible's logins", "as expected",
+                    "as expected" if got == expected else str(got), got == expected)
+        assert got == expected, (with_key.stderr, password.stderr)
+
+
+def test_settings_that_would_lock_out_the_run_stop_it_before_any_host_changes(ssh_logins, kit_hosts, probe_address):
+    refused_before_any_host_changes(kit_hosts, probe_address, [
+        ("base_firewall_ssh_sources", {"base_firewall_ssh_sources": ["192.0.2.0/24"]},
+         "the address this run logs in from"),
+        ("base_ssh_port", {"base_ssh_port": 2222}, "this run reaches sshd on port 22"),
+    ])
 
 
 def listening_ports(host, own_address):
