@@ -160,3 +160,48 @@ def test_the_host_certificate_names_the_host_and_its_address_and_the_system_trus
     assert host.check_output("openssl x509 -in %s -noout -pubkey", cert) == host.check_output("openssl pkey -in %s -pubout", key)
     # Its key stays unreadable to others: the private directory admits only root and ssl-cert.
     assert host.run("runuser -u nobody -- cat %s", key).rc != 0
+
+
+def test_new_accounts_get_private_homes_and_costly_password_hashes(host):
+    login_defs = ROLE_DEFAULTS["base_login_defs"]
+    host.check_output("useradd --create-home cbk-hardening-test")
+    try:
+        home_mode = host.file("/home/cbk-hardening-test").mode
+        # chpasswd -c hashes itself with login.defs' settings (without -c, PAM decides).
+        host.check_output("echo cbk-hardening-test:not-a-real-password | chpasswd -c SHA512")
+        shadow = host.check_output("getent shadow cbk-hardening-test")
+    finally:
+        host.run("userdel --remove cbk-hardening-test")
+    assert home_mode == int(login_defs["HOME_MODE"], 8)
+    assert f"$6$rounds={login_defs['SHA_CRYPT_MIN_ROUNDS']}$" in shadow
+
+
+def test_unused_protocols_and_removable_storage_may_not_load(host):
+    rules = host.file("/etc/modprobe.d/cbk-disabled-modules.conf").content_string
+    for module in ROLE_DEFAULTS["base_disabled_kernel_modules"]:
+        assert f"install {module} /bin/false" in rules, module
+
+
+def test_the_legal_banner_is_shown_before_login(host):
+    banner = ROLE_DEFAULTS["base_login_banner"]
+    assert host.file("/etc/issue").content_string.strip() == banner
+    assert host.file("/etc/issue.net").content_string.strip() == banner
+    assert "banner /etc/issue.net" in host.check_output("sshd -T")
+
+
+def test_auditd_is_left_to_the_host_in_containers(host):
+    # Kernel audit is one per kernel: a container must not claim it (real servers get auditd).
+    assert not host.package("auditd").is_installed
+
+
+def test_debsums_names_a_changed_package_file_and_nothing_else(host):
+    assert host.service("cbk-debsums.timer").is_enabled
+    changed = "/usr/share/doc/debsums/changelog.gz"
+    host.check_output("cp -p %s /var/tmp/cbk-debsums-test && echo tampered >> %s", changed, changed)
+    try:
+        run = host.run("systemctl start cbk-debsums.service")
+        report = host.check_output("journalctl -u cbk-debsums.service -o cat --since '-5min' | grep '^debsums: ' || true")
+    finally:
+        host.check_output("mv /var/tmp/cbk-debsums-test %s", changed)
+    assert run.rc != 0
+    assert report.strip() == f"debsums: changed file {changed} (from debsums package)", report

@@ -295,9 +295,11 @@ def test_https_at_nginx_and_plain_http_only_redirects(probe_trusts_kit_ca, varia
 def test_operator_uis_and_amqp_over_tls_only(request, ui, probe_trusts_kit_ca, broker_address):
     if ui != "flower" and BROKER != "rabbitmq":
         pytest.skip("RabbitMQ is not this scenario's broker")
+    if not probe_trusts_kit_ca.https:
+        pytest.skip("this scenario serves the stack in plain text, as the sandbox")
+    # Where the site is HTTPS (production mode), no operator UI or broker link may stay plain.
     served = request.getfixturevalue("amqp_endpoint" if ui == "amqps" else ui)
-    if not served.https:
-        pytest.skip(f"this scenario serves {ui} in plain text (its role's TLS switch)")
+    assert served.https, f"{ui} is plain text beside an HTTPS site: its role's TLS switch is off"
     secure = {"kind": "tls", "address": served.address, "port": served.port}
     if ui == "amqps":
         plain_port = int(scenario_setting("rabbitmq", "rabbitmq_amqp_port"))
