@@ -9,7 +9,7 @@ BENCH_VENV := .cache/bench-venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help toolchain host apt-cache sandbox deploy destroy lint role-docs molecule app-test test test-ha bench-deploy bench matrix
+.PHONY: help toolchain host apt-cache sandbox deploy destroy lint role-docs molecule app-test test test-ha bench-deploy bench audit matrix
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -73,6 +73,9 @@ bench-deploy: sandbox ## site.yml on new sandbox hosts, then warm re-runs: kit a
 bench: toolchain $(BENCH_VENV)/.installed ## Celery tasks/s and latency on the sandbox, RabbitMQ and Redis: bench/results.md
 	start=$$(date +%s) && ansible-playbook playbooks/bench.yml && \
 	  $(BENCH_VENV)/bin/python bench/report.py $$(( $$(date +%s) - start ))
+
+audit: toolchain ## Lynis on a new host and on a sandbox host after make deploy (AUDIT_HOST, default cbk-web): bench/audit.md
+	ansible-playbook playbooks/audit.yml -e audit_host=$${AUDIT_HOST:-cbk-web}
 
 matrix: ## docs/broker-matrix.md from the e2e scenarios' last results (artifacts/) and bench/results.json
 	python3 scripts/broker_matrix.py
