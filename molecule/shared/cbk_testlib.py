@@ -60,11 +60,11 @@ def platform_addresses():
 
 
 @functools.cache
-def role_defaults(role):
-    """A role's defaults/main.yml (untemplated)."""
+def role_defaults(role, kind="defaults"):
+    """A role's defaults/main.yml, or with kind="vars" its vars/main.yml (untemplated)."""
     import yaml
 
-    path = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "roles" / role / "defaults" / "main.yml"
+    path = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "roles" / role / kind / "main.yml"
     return yaml.safe_load(path.read_text())
 
 

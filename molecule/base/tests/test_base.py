@@ -1,16 +1,12 @@
 """The base role's behaviour: default-deny firewall with a working allow-list,
 hardened sshd, persistent size-limited journal, time sync enabled."""
 
-import os
 import re
-from pathlib import Path
 
 import pytest
-import yaml
 from cbk_testlib import address, listen, other_hosts, pending_security_updates, role_defaults, scenario_variables, tcp_probe
 
-ROLE = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "roles/base"
-ROLE_VARS = yaml.safe_load((ROLE / "vars/main.yml").read_text())
+ROLE_VARS = role_defaults("base", "vars")
 ROLE_DEFAULTS = role_defaults("base")
 
 # 8081 is allowed from the peer by the inventory list, 8082 by the hook other

@@ -6,18 +6,20 @@ part-way through the load, and then checks every task sent ran, and how often.
 """
 
 import json
+import re
 import socket
 import subprocess
 import time
 
 import pytest
-from cbk_testlib import platform_addresses, scenario_variables, tcp_probe
+from cbk_testlib import OTHER_CA_ONLY, platform_addresses, role_defaults, scenario_variables, tcp_probe
 from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
 testinfra_hosts = ["ansible://rabbitmq"]
 
 NODES = {f"rabbit@{name}": ip for name, ip in platform_addresses().items()}
 CLUSTER_PORTS = (4369, 25672)
+TLS_DIR = role_defaults("rabbitmq", "vars")["rabbitmq__tls_dir"]
 VHOST = "celery"
 DELIVERY_LIMIT = 5  # rabbitmq_app_delivery_limit in molecule.yml
 TASKS, PER_SECOND, STOP_AFTER = 300, 20, 100
@@ -124,6 +126,22 @@ def test_cluster_ports_open_to_peers_only(host, port):
     # The docker host is a client (AMQP), not a peer.
     with pytest.raises(OSError):
         socket.create_connection((NODES[f"rabbit@{own}"], port), timeout=3).close()
+
+
+def test_nodes_and_cli_tools_reach_each_other_over_mutual_tls(host):
+    # rabbitmqctl reaches its node through the Erlang distribution too: this call goes over TLS.
+    assert "inet_tls" in host.check_output("rabbitmqctl eval 'init:get_argument(proto_dist).'")
+    own = host.backend.get_hostname()
+    peer = next(ip for node, ip in NODES.items() if container(node) != own)
+    tls = f"openssl s_client -connect {peer}:25672 -verify_return_error -CAfile "
+    cert = f" -cert {TLS_DIR}/server.crt -key {TLS_DIR}/server.key"
+    with_cert = host.run(tls + f"{TLS_DIR}/ca.crt" + cert + " </dev/null 2>&1")
+    # TLS 1.3 refuses a missing client certificate after the handshake: read for a second.
+    without_cert = host.run("sleep 1 | " + tls + f"{TLS_DIR}/ca.crt" + " 2>&1")
+    other_ca = host.run(tls + OTHER_CA_ONLY + cert + " </dev/null 2>&1")
+    assert "Verify return code: 0 (ok)" in with_cert.stdout and "alert" not in with_cert.stdout, with_cert.stdout
+    assert re.search("certificate required|handshake failure", without_cert.stdout), without_cert.stdout
+    assert other_ca.rc != 0 and "verify error" in other_ca.stdout, other_ca.stdout
 
 
 def test_app_queues_policy_dead_letters_after_the_delivery_limit():

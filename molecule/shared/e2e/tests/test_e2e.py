@@ -3,6 +3,7 @@ worker on the broker the scenario names sends the welcome email into the mail si
 losing one worker host's workers does not stop delivery; Flower and the RabbitMQ
 management UI answer operators with credentials only."""
 
+import base64
 import json
 import os
 import time
@@ -13,6 +14,7 @@ from cbk_testlib import (
     e2e_broker,
     http_get,
     http_request,
+    scenario_setting,
     scenario_variables,
     wait_for_maildir_message,
 )
@@ -63,6 +65,39 @@ def test_signup_delivers_the_welcome_email(backend, site):
     message = backend.file(path).content_string
     assert "Subject: Welcome!" in message
     assert "From: welcome@e2e.invalid" in message
+
+
+def test_no_secret_and_no_signup_address_cross_the_network_in_clear(backend, front, site):
+    """A packet capture on both hosts' network interfaces while a user signs up and gets the
+    welcome email: the broker, database and SMTP links carry neither a password nor the address."""
+    if not site.https:
+        pytest.skip("switch keeps the sandbox's plain-text links")
+    hosts = {"debian12": backend, "debian13": front}
+    capture = "/var/tmp/cbk-capture.pcap"
+    for host in hosts.values():
+        host.check_output("apt-get install -y -qq tcpdump >/dev/null")
+        host.check_output(
+            # --immediate-mode: packets still in the kernel's buffer would be lost at the stop.
+            "systemd-run --unit cbk-capture tcpdump --immediate-mode -U -w %s -i \"$(ip -o -4 route show default | cut -d' ' -f5)\" "
+            "'not port 22'", capture)
+        # Capturing once tcpdump says so: a signup before that would go unseen.
+        host.check_output("timeout 20 sh -c 'until journalctl -u cbk-capture -o cat | grep -q \"listening on\"; do sleep 0.2; done'")
+    try:
+        email = sign_up(front, site)
+        assert wait_for_maildir_message(backend, MAILDIR, email, timeout=DELIVERY_SECONDS), email
+    finally:
+        for host in hosts.values():
+            host.run("systemctl stop cbk-capture")
+    secrets = {name: str(value) for name, value in scenario_variables().items() if name.endswith(("_password", "_secret_key"))}
+    secrets["the signup address"] = email
+    links = {"AMQPS": scenario_setting("rabbitmq", "rabbitmq_amqps_port"), "PostgreSQL": scenario_setting("postgresql", "postgresql_port")}
+    for short, host in hosts.items():
+        packets = {link: int(host.check_output("tcpdump -r %s -nn 'tcp port %s' 2>/dev/null | wc -l", capture, str(port)))
+                   for link, port in links.items()}
+        captured = base64.b64decode(host.check_output("base64 -w0 %s", capture))
+        in_clear = [name for name, value in secrets.items() if value.encode() in captured]
+        assert all(packets.values()), f"{short}: the capture missed a link of the signup: {packets}"
+        assert not in_clear, f"{short}: in clear on the network: {in_clear}"
 
 
 def test_flower_shows_the_workers_of_both_hosts_with_credentials_only(backend, flower, front):
