@@ -6,13 +6,15 @@ part-way through the load, and then checks every task sent ran, and how often.
 """
 
 import json
+import os
 import re
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
-from cbk_testlib import OTHER_CA_ONLY, platform_addresses, role_defaults, scenario_variables, tcp_probe
+from cbk_testlib import OTHER_CA_ONLY, ansible_env, platform_addresses, role_defaults, scenario_variables, tcp_probe
 from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
 testinfra_hosts = ["ansible://rabbitmq"]
@@ -142,6 +144,20 @@ def test_nodes_and_cli_tools_reach_each_other_over_mutual_tls(host):
     assert "Verify return code: 0 (ok)" in with_cert.stdout and "alert" not in with_cert.stdout, with_cert.stdout
     assert re.search("certificate required|handshake failure", without_cert.stdout), without_cert.stdout
     assert other_ca.rc != 0 and "verify error" in other_ca.stdout, other_ca.stdout
+
+
+def test_changing_the_distribution_kind_of_the_running_cluster_is_refused():
+    """Before any change: a node restarted with plain distribution could not rejoin its TLS peers."""
+    converge = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]).parent / "rabbitmq" / "converge.yml"
+    result = subprocess.run(
+        ["ansible-playbook", "-i", str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent),
+         "-e", "rabbitmq_erlang_dist_tls=false", str(converge)],
+        env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+    )
+    output = " ".join(result.stdout.split())
+    assert result.returncode != 0 and "rabbitmq_erlang_dist_tls is false, but the running node" in output, output[-3000:]
+    for node in NODES:
+        subprocess.run(["docker", "exec", container(node), "grep", "-q", "inet_tls", "/etc/rabbitmq/rabbitmq-env.conf"], check=True)
 
 
 def test_app_queues_policy_dead_letters_after_the_delivery_limit():

@@ -392,7 +392,8 @@ def test_the_app_hosts_verify_the_database_certificate(host_certificates, kit_ho
 def refused_before_any_host_changes(kit_hosts, probe_address, cases):
     """Run the converge's base tier once per (variable, extra vars, message) case: each run must
     fail naming the variable, with the message, and leave every host as it was."""
-    state = "sha256sum /etc/ssl/certs/cbk-host.pem /etc/ssl/private/cbk-host.key /etc/nftables.conf /etc/apt/sources.list"
+    state = ("sha256sum /etc/ssl/certs/cbk-host.pem /etc/ssl/private/cbk-host.key /etc/nftables.conf /etc/apt/sources.list"
+             " $(ls /etc/ssh/sshd_config.d/*.conf 2>/dev/null)")
     before = {name: host.check_output(state) for name, (host, _) in kit_hosts.items()}
     for variable, extra_vars, message in cases:
         result = subprocess.run(
@@ -445,13 +446,18 @@ def ssh(settings, *command, options=()):
 
 
 def test_operators_log_in_over_ssh_with_their_key_only_and_sudo(ssh_logins, kit_hosts):
+    def yes_no(name):
+        return "yes" if scenario_setting("base", name) else "no"
+
+    passwords = yes_no("base_ssh_password_authentication")
     expected_sshd = {
         "port": str(scenario_setting("base", "base_ssh_port")),
-        "passwordauthentication": "no",
-        "kbdinteractiveauthentication": "no",
-        "permitrootlogin": "without-password",  # prohibit-password, as sshd -T spells it
+        "passwordauthentication": passwords,
+        "kbdinteractiveauthentication": passwords,
+        # sshd -T spells prohibit-password as without-password.
+        "permitrootlogin": scenario_setting("base", "base_ssh_permit_root_login").replace("prohibit-password", "without-password"),
         "maxauthtries": str(scenario_setting("base", "base_ssh_max_auth_tries")),
-        "allowtcpforwarding": "no",
+        "allowtcpforwarding": yes_no("base_ssh_allow_tcp_forwarding"),
     }
     for name, settings in ssh_logins.items():
         short = name.removeprefix(f"cbk-{SCENARIO}-")
@@ -478,7 +484,8 @@ def test_settings_that_would_lock_out_the_run_stop_it_before_any_host_changes(ss
     refused_before_any_host_changes(kit_hosts, probe_address, [
         ("base_firewall_ssh_sources", {"base_firewall_ssh_sources": ["192.0.2.0/24"]},
          "the address this run logs in from"),
-        ("base_ssh_port", {"base_ssh_port": 2222}, "this run reaches sshd on port 22"),
+        ("base_ssh_port", {"base_ssh_port": 2222},
+         f"this run reaches sshd on port {scenario_setting('base', 'base_ssh_port')}"),
     ])
 
 
