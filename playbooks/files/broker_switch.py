@@ -64,28 +64,22 @@ for queue in QUEUE_NAMES:
 
 
 def orphans(connection, queues, held_ids):
-    """Redis only: delivered messages of the queues that no worker that answered holds.
-    Returns the orphans, delivered ORPHAN_AFTER seconds ago or more, as {delivery tag: (id,
-    name, queue, eta or None)}, and the younger ones as [(id, name, queue, eta)]: those may be
-    on their way into a worker's reserved list, or held by a worker too busy to answer, so
-    they still count as held (a drain that ignored them could stop a worker holding one)."""
+    """Redis only: delivered messages of the queues that no live worker holds, delivered
+    ORPHAN_AFTER seconds ago or more (a younger one may be on its way into a worker's
+    reserved list): {delivery tag: (id, name, queue, eta or None)}."""
     channel = connection.default_channel
     client = channel.client
-    found, in_flight = {}, []
+    found = {}
     # Only commands the app's Redis user may run (roles/redis, redis_app_acl_commands).
     for tag, delivered in client.zrange(channel.unacked_index_key, 0, -1, withscores=True):
         raw = client.hget(channel.unacked_key, tag)
-        if raw is None:
-            continue  # acknowledged meanwhile
+        if raw is None or time.time() - delivered < ORPHAN_AFTER:
+            continue  # acknowledged meanwhile, or too recent to tell
         message, _exchange, queue = json.loads(raw)
         headers = message.get("headers") or {}
         if queue in queues and headers.get("id") and headers["id"] not in held_ids:
-            task = (headers["id"], headers.get("task"), queue, headers.get("eta"))
-            if time.time() - delivered < ORPHAN_AFTER:
-                in_flight.append(task)
-            else:
-                found[tag] = task
-    return found, in_flight
+            found[tag] = (headers["id"], headers.get("task"), queue, headers.get("eta"))
+    return found
 
 
 # Per broker URL, from the previous look: the delivery tags found orphaned, and the workers
@@ -127,8 +121,7 @@ def look(url, queues, restore=False):
                     if queue in queues:
                         held.append((task["id"], task["name"], queue, entry.get("eta")))
         if connection.transport.driver_type == "redis":
-            lost, in_flight = orphans(connection, queues, {task[0] for task in held})
-            held += in_flight
+            lost = orphans(connection, queues, {task[0] for task in held})
             steady = answered_before.get(url, set()) <= answered
             restored = set(lost) & orphaned_before.get(url, set()) if restore and steady else set()
             for tag, (task_id, name, queue, _) in lost.items():
