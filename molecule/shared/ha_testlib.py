@@ -23,10 +23,13 @@ CONCURRENCY = 4
 class HALoad:
     """The Celery side of a failover test, for one broker URL list and its settings."""
 
-    def __init__(self, tmp_path, broker_url, quorum_queues=False, sentinel=None):
+    def __init__(self, tmp_path, broker_url, quorum_queues=False, sentinel=None, ca_file=None):
+        """``ca_file``: the CA that signed the brokers' certificates, which the controller's trust
+        store lacks (OpenSSL reads SSL_CERT_FILE instead of the system's bundle)."""
         self.db = tmp_path / "runs.sqlite"
         self.env = dict(
             os.environ,
+            **({"SSL_CERT_FILE": str(ca_file)} if ca_file else {}),
             PYTHONPATH=str(HA_DIR),
             HA_DB=str(self.db),
             HA_BROKER_URL=broker_url,

@@ -44,6 +44,10 @@ QUORUM_QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
 # Seconds to connect to, and wait for, one Sentinel before asking the next: a Sentinel whose host
 # is down must not stall finding the primary. Its answers are small and immediate.
 SENTINEL_SOCKET_TIMEOUT = 2
+# TLS to Redis (rediss://, or Sentinels that serve TLS): verify the server's certificate against the
+# system's trust store, and its name (redis-py checks it by default); kombu otherwise falls back to
+# CERT_NONE for rediss://.
+REDIS_TLS = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
 def dead_letter_queue(quorum_queues=False):
@@ -81,8 +85,9 @@ def build_celery_config(broker_url, result_backend=None, quorum_queues=False, qu
 
     ``queue_names`` are the queues the app's workers consume (all of them unless hybrid mode moves some).
     ``sentinel`` is required by ``sentinel://`` broker and result backend URLs: ``{"master_name": ...,
-    "username": ..., "password": ...}``, the name the Sentinels monitor the Redis primary under and the
-    account the app logs in to the Sentinels with (username and password may be None: no Sentinel auth).
+    "username": ..., "password": ..., "tls": ...}``, the name the Sentinels monitor the Redis primary under,
+    the account the app logs in to the Sentinels with (username and password may be None: no Sentinel auth),
+    and whether the Sentinels and Redis servers serve TLS only (optional, default False).
     The user and password of the URLs are those of the Redis servers.
     """
     config = {
@@ -127,6 +132,12 @@ def build_celery_config(broker_url, result_backend=None, quorum_queues=False, qu
     ]:
         if url and broker_scheme(url) == "sentinel":
             config[options] = {**config.get(options, {}), **_sentinel_options(sentinel)}
+    if (sentinel or {}).get("tls"):
+        # TLS to the primary the Sentinels name (sentinel_kwargs covers the Sentinels themselves).
+        if broker_scheme(broker_url) == "sentinel":
+            config["broker_use_ssl"] = dict(REDIS_TLS)
+        if result_backend and broker_scheme(result_backend) == "sentinel":
+            config["redis_backend_use_ssl"] = dict(REDIS_TLS)
     return config
 
 
@@ -155,12 +166,14 @@ def _sentinel_options(sentinel):
     if not (sentinel or {}).get("master_name"):
         raise ValueError("A sentinel:// URL needs the Sentinels' master name: set CELERY_REDIS_SENTINEL_MASTER.")
     credentials = {key: sentinel.get(key) for key in ("username", "password") if sentinel.get(key)}
+    tls = {"ssl": True, **REDIS_TLS} if sentinel.get("tls") else {}
     return {
         # Read by kombu's SentinelChannel and Celery's SentinelBackend: the URLs' own user and
         # password go to the Redis primary only, so the Sentinels' login goes in sentinel_kwargs.
         "master_name": sentinel["master_name"],
         "sentinel_kwargs": {
             **credentials,
+            **tls,
             "socket_connect_timeout": SENTINEL_SOCKET_TIMEOUT,
             "socket_timeout": SENTINEL_SOCKET_TIMEOUT,
         },
@@ -185,8 +198,7 @@ def _redis_config(broker_url, queue_names):
         "task_queues": _queues(queue_names),
     }
     if broker_scheme(broker_url) == "rediss":
-        # Verify the server certificate; kombu otherwise falls back to CERT_NONE for rediss://.
-        config["broker_use_ssl"] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        config["broker_use_ssl"] = dict(REDIS_TLS)
     return config
 
 

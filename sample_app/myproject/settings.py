@@ -150,6 +150,7 @@ _sentinel = (
         "master_name": os.environ["CELERY_REDIS_SENTINEL_MASTER"],
         "username": os.environ.get("CELERY_REDIS_SENTINEL_USER") or None,
         "password": os.environ.get("CELERY_REDIS_SENTINEL_PASSWORD") or None,
+        "tls": env_bool("CELERY_REDIS_SENTINEL_TLS"),
     }
     if os.environ.get("CELERY_REDIS_SENTINEL_MASTER")
     else None

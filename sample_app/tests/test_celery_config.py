@@ -249,3 +249,17 @@ def test_dead_letter_step_declares_the_queue_type_of_the_settings(quorum_queues,
     with Connection("memory://") as connection:
         DeclareDeadLetterQueue(parent=None).start(dead_letter_step_consumer(connection, config))
     assert declared == [dead_letter_queue(quorum_queues).queue_arguments]
+
+
+def test_sentinel_tls_verifies_the_sentinels_and_the_primary():
+    config = build_celery_config(
+        SENTINEL_URLS, result_backend=SENTINEL_URLS.replace("/0", "/1"), sentinel={**SENTINEL, "tls": True}
+    )
+    for options in ("broker_transport_options", "result_backend_transport_options"):
+        kwargs = config[options]["sentinel_kwargs"]
+        assert (kwargs["ssl"], kwargs["ssl_cert_reqs"]) == (True, ssl.CERT_REQUIRED), options
+    assert config["broker_use_ssl"] == config["redis_backend_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    # A RabbitMQ broker beside a Sentinel result backend keeps its own TLS settings.
+    assert "broker_use_ssl" not in build_celery_config(
+        RABBITMQ_URL, result_backend=SENTINEL_URLS, sentinel={**SENTINEL, "tls": True}
+    )

@@ -15,11 +15,19 @@ import uuid
 
 import pytest
 import testinfra
-from cbk_testlib import platform_addresses, scenario_variables
+from cbk_testlib import platform_addresses, role_defaults, scenario_setting, scenario_variables
 from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
 NODES = platform_addresses()
-REDIS_PORT, SENTINEL_PORT, MASTER = 6379, 26379, "celery"
+# TLS only (molecule.yml): Redis on its TLS port, the Sentinels on theirs, plain text closed.
+TLS = scenario_setting("redis", "redis_tls_enabled")
+PLAIN_PORT = scenario_setting("redis", "redis_port")
+REDIS_PORT = scenario_setting("redis", "redis_tls_port") if TLS else PLAIN_PORT
+SENTINEL_PORT = scenario_setting("redis", "redis_sentinel_port")
+MASTER = scenario_setting("redis", "redis_sentinel_master_name")
+# The kit CA in each node's trust store (base role), and its copy on the controller.
+HOST_CA = role_defaults("base")["base_tls_ca_path"]
+CONTROLLER_CA = f"{scenario_variables()['base_tls_kit_ca_dir']}/ca.crt"
 # down-after-milliseconds (5 s) plus the election: a few seconds; the bound leaves room
 # for a loaded CI machine.
 ELECTION_BOUND = 30
@@ -41,15 +49,18 @@ def password(user):
     }.get(user, user)
 
 
-def cli(client, ip, port, *commands, user=None):
-    """redis-cli on client against ip:port; each command a line on one connection, after
-    an AUTH line for user. stdout and stderr together, one reply line per line."""
+def cli(client, ip, port, *commands, user=None, ca=HOST_CA):
+    """redis-cli on client against ip:port (over TLS when the scenario has it, trusting ca);
+    each command a line on one connection, after an AUTH line for user. stdout and stderr
+    together, one reply line per line."""
     lines = ([f"AUTH {user} {password(user)}"] if user else []) + list(commands)
+    tls = ["--tls", "--cacert", ca] if TLS else []
     result = node(client).run(
-        "printf '%%s\\n' " + " ".join(["%s"] * len(lines)) + " | timeout 10 redis-cli -h %s -p %s",
+        "printf '%%s\\n' " + " ".join(["%s"] * len(lines)) + " | timeout 10 redis-cli -h %s -p %s" + " %s" * len(tls),
         *lines,
         ip,
         str(port),
+        *tls,
     )
     out = (result.stdout + result.stderr).strip().splitlines()
     return out[1:] if user and out[:1] == ["OK"] else out
@@ -99,9 +110,10 @@ def test_first_node_is_primary_with_two_online_replicas():
     assert len(online) == 2, primary
     for name in ("cbk-redis-sentinel-n2", "cbk-redis-sentinel-n3"):
         replica = info(name)
-        assert (replica["role"], replica["master_host"], replica["master_link_status"]) == (
+        assert (replica["role"], replica["master_host"], replica["master_port"], replica["master_link_status"]) == (
             "slave",
             NODES["cbk-redis-sentinel-n1"],
+            str(REDIS_PORT),
             "up",
         )
     for name, ip in NODES.items():
@@ -139,6 +151,23 @@ def test_each_user_may_run_only_its_own_commands():
         assert cli(client, ip, REDIS_PORT, command, user="replica")[0].startswith("NOPERM"), command
     for command in ("GET x", "CONFIG SET maxmemory 1", "FLUSHALL"):
         assert cli(client, ip, REDIS_PORT, command, user="sentinel")[0].startswith("NOPERM"), command
+
+
+def test_only_tls_is_served_and_a_client_of_another_ca_is_refused():
+    """`port 0` on every Redis and Sentinel: the replication links and the Sentinels' links
+    to the servers and to each other, which the tests above see working, can only be TLS."""
+    if not TLS:
+        pytest.skip("plain-text scenario")
+    client, ip = "cbk-redis-sentinel-n2", NODES["cbk-redis-sentinel-n1"]
+    for name in NODES:
+        assert f":{PLAIN_PORT} " not in node(name).check_output("ss -Htln"), f"{name} listens on {PLAIN_PORT}"
+    for port in (REDIS_PORT, SENTINEL_PORT):
+        plain = node(client).run("printf 'PING\\n' | timeout 5 redis-cli -h %s -p %s", ip, str(port))
+        assert not re.search("PONG|NOAUTH", plain.stdout + plain.stderr), (port, plain.stdout, plain.stderr)
+        # Debian's self-signed snakeoil certificate stands for any other CA.
+        other_ca = cli(client, ip, port, "PING", user="admin", ca="/etc/ssl/certs/ssl-cert-snakeoil.pem")
+        assert "certificate verify failed" in " ".join(other_ca), (port, other_ca)
+        assert cli(client, ip, port, "PING", user="admin") == ["PONG"], port
 
 
 def test_no_peer_or_client_was_refused_by_a_sentinel():
@@ -265,8 +294,8 @@ def age_held_messages(primary):
 def test_failover_under_a_celery_load_loses_no_task(failover, tmp_path):
     old = failover["primary"]
     url = ";".join(f"sentinel://celery:{password('celery')}@{ip}:{SENTINEL_PORT}/0" for ip in NODES.values())
-    sentinel = {"master_name": MASTER, "username": "celery-sentinel", "password": password("celery-sentinel")}
-    load = HALoad(tmp_path, url, sentinel=sentinel)
+    sentinel = {"master_name": MASTER, "username": "celery-sentinel", "password": password("celery-sentinel"), "tls": TLS}
+    load = HALoad(tmp_path, url, sentinel=sentinel, ca_file=CONTROLLER_CA if TLS else None)
     load.start_workers()
     survivors = [name for name in NODES if name != old]
 

@@ -41,6 +41,10 @@ CASES = {
         {"redis_tls_enabled": True, "redis_tls_source": "files", "redis_tls_cert_path": "/nonexistent/redis.crt"},
         "redis_tls_source is files but redis_tls_cert_path (/nonexistent/redis.crt) does not exist",
     ),
+    "TLS from a host without a certificate": (
+        {"redis_tls_enabled": True, "base_tls_certificates": "none"},
+        f"redis_tls_source is host, but {INSTANCE} has no certificate of the base role (base_tls_certificates is none)",
+    ),
     "TLS key that is not PEM": (
         {"redis_tls_enabled": True, "redis_tls_source": "content", "redis_tls_key": "not-a-key"},
         "redis_tls_source is content: redis_tls_ca_cert and redis_tls_cert must hold PEM",
