@@ -6,11 +6,18 @@
 #     (without credentials), the messages waiting there, the tasks workers hold, every task
 #     scheduled with an ETA or countdown and whether the old broker answers.
 #   mode "drain": waits, at most `timeout` seconds, until the moving queues are empty on their
-#     old broker and no worker holds one of their tasks; exits 1 listing what is left.
+#     old broker and no worker there says it holds one of their tasks; exits 1 listing what is
+#     left. Only a hint of when to stop the drain workers: Celery's inspect can miss a task.
+#   mode "confirm": run once every drain worker has stopped (and nothing else publishes with
+#     the old settings): looks at the broker alone. On Redis it puts every message of the
+#     moving queues left in kombu's `unacked` hash back in its queue (no live worker holds it
+#     any more), then counts every priority list; on RabbitMQ it counts the queues' messages
+#     (with no consumer left, none is unacknowledged). Prints "empty" when nothing is left.
 # Orphans: when a worker dies holding tasks (or forgets them when its Redis connection drops),
 # kombu keeps the messages in its `unacked` hash, to hand them out again only after
-# visibility_timeout (1 h). Both modes count them as held (with their ETA); the drain puts
-# them back in their queue, where its drain workers run them.
+# visibility_timeout (1 h). The report counts them as held (with their ETA); "confirm" puts
+# them back in their queue, where the drain workers of the next round run them. Nothing is put
+# back while a worker may still hold the message: it would run twice.
 # The request (new broker URLs, so secret) comes on stdin as JSON; nothing printed carries a password.
 import json
 import re
@@ -25,6 +32,11 @@ from myproject.celery import app
 from myproject.celery_config import QUEUE_NAMES, build_celery_config
 
 request = json.load(sys.stdin)
+# The mailbox publishes through the app's producer pool, on the broker of the app's settings
+# (the new one once the switch has written them), whatever connection inspect is given, while
+# the replies are awaited on that connection: the old broker's workers never heard the
+# question. Without the pool it publishes on the connection given.
+app.control.mailbox.producer_pool = None
 ORPHAN_AFTER = 30  # seconds
 
 
@@ -82,25 +94,20 @@ def orphans(connection, queues, held_ids):
     return found
 
 
-# Per broker URL, from the previous look: the delivery tags found orphaned, and the workers
-# that answered every inspect.
-orphaned_before, answered_before = {}, {}
-
-
-def look(url, queues, restore=False):
-    """Messages waiting in the queues on this broker, the tasks of those queues that workers
-    connected to it hold, orphans included: [(id, name, queue, eta or None)], and how many
-    of these are orphans.
-    With restore, orphans found by the previous look too go back to their queue, unless a
-    worker that answered then is silent now: a live worker slow to answer must not have
-    its tasks run a second time."""
+def connect(url):
     # The app's transport options (on Redis its priority steps, one list each, all counted)
     # and TLS options (amqps:// and rediss:// verify the broker, as the app does).
     config = build_celery_config(url)
     options = config["broker_transport_options"]
-    with Connection(url, connect_timeout=5, transport_options=options, ssl=config.get("broker_use_ssl", False)) as connection:
+    return Connection(url, connect_timeout=5, transport_options=options, ssl=config.get("broker_use_ssl", False))
+
+
+def look(url, queues):
+    """Messages waiting in the queues on this broker, the tasks of those queues that workers
+    connected to it say they hold: [(id, name, queue, eta or None)], and the orphans (Redis)."""
+    with connect(url) as connection:
         connection.ensure_connection(max_retries=1)
-        waiting, orphaned = {}, 0
+        waiting = {}
         for queue in queues:
             channel = connection.channel()
             try:
@@ -110,41 +117,64 @@ def look(url, queues, restore=False):
             finally:
                 channel.close()
         inspect = app.control.inspect(timeout=3, connection=connection)
-        held, answered = [], None
+        held = []
         for kind in ("active", "reserved", "scheduled"):
             replies = getattr(inspect, kind)() or {}
-            answered = set(replies) if answered is None else answered & set(replies)
             for tasks in replies.values():
                 for entry in tasks:
                     task = entry.get("request", entry)
                     queue = (task.get("delivery_info") or {}).get("routing_key")
                     if queue in queues:
                         held.append((task["id"], task["name"], queue, entry.get("eta")))
+        lost = []
         if connection.transport.driver_type == "redis":
-            lost = orphans(connection, queues, {task[0] for task in held})
-            steady = answered_before.get(url, set()) <= answered
-            restored = set(lost) & orphaned_before.get(url, set()) if restore and steady else set()
-            for tag, (task_id, name, queue, _) in lost.items():
-                if tag in restored:
-                    connection.default_channel.qos.restore_by_tag(tag)
-                    waiting[queue] += 1
-                    print(f"put back in {queue}: {name}[{task_id}], orphaned in Redis' unacked", flush=True)
-                else:
-                    held.append(lost[tag])
-                    orphaned += 1
-            orphaned_before[url] = set(lost) - restored
-            answered_before[url] = answered
-    return waiting, held, orphaned
+            lost = list(orphans(connection, queues, {task[0] for task in held}).values())
+    return waiting, held, lost
 
 
-def state(restore=False):
-    by_broker = {}
+def confirm(url, queues):
+    """With no drain worker left: what the broker itself still holds of the queues, Redis'
+    unacked messages put back in their queue first. Returns (messages, consumers)."""
+    with connect(url) as connection:
+        connection.ensure_connection(max_retries=1)
+        if connection.transport.driver_type == "redis":
+            channel = connection.default_channel
+            client = channel.client
+            for tag in client.zrange(channel.unacked_index_key, 0, -1):
+                raw = client.hget(channel.unacked_key, tag)
+                if raw is None:
+                    continue  # acknowledged meanwhile
+                message, _exchange, queue = json.loads(raw)
+                if queue in queues:
+                    headers = message.get("headers") or {}
+                    channel.qos.restore_by_tag(tag)
+                    task = f"{headers.get('task')}[{headers.get('id')}]"
+                    print(f"put back in {queue}: {task}, left in Redis' unacked", flush=True)
+        left, consumers = 0, 0
+        for queue in queues:
+            channel = connection.channel()
+            try:
+                ok = channel.queue_declare(queue, passive=True)
+                left, consumers = left + ok.message_count, consumers + ok.consumer_count
+            except ChannelError:
+                pass  # never declared there
+            finally:
+                channel.close()
+    return left, consumers
+
+
+def by_broker():
+    brokers = {}
     for queue, (was, _) in moving.items():
-        by_broker.setdefault(was, []).append(queue)
-    waiting, held, orphaned, unreachable = {}, [], 0, []
-    for url, queues in by_broker.items():
+        brokers.setdefault(was, []).append(queue)
+    return brokers
+
+
+def state():
+    waiting, held, orphaned, unreachable = {}, [], [], []
+    for url, queues in by_broker().items():
         try:
-            broker_waiting, broker_held, broker_orphaned = look(url, queues, restore)
+            broker_waiting, broker_held, broker_orphaned = look(url, queues)
         except (OperationalError, OSError):
             unreachable.append(safe(url))
             continue
@@ -154,9 +184,25 @@ def state(restore=False):
     return waiting, held, orphaned, unreachable
 
 
+if request["mode"] == "confirm":
+    left, consumers, unreachable = 0, 0, []
+    for url, queues in by_broker().items():
+        try:
+            broker_left, broker_consumers = confirm(url, queues)
+        except (OperationalError, OSError):
+            unreachable.append(safe(url))
+            continue
+        left, consumers = left + broker_left, consumers + broker_consumers
+    if unreachable and not request["abandon_unreachable"]:
+        raise SystemExit(f"old broker unreachable: {', '.join(unreachable)}; re-run when it is back")
+    print(f"old broker, its drain workers stopped: {left} messages, {consumers} consumers")
+    print("not empty" if left or consumers else "empty")
+    raise SystemExit(0)
+
 deadline = datetime.now(timezone.utc) + timedelta(seconds=request["timeout"])
 waiting, held, orphaned, unreachable = state()
 if request["mode"] == "report":
+    held += orphaned  # held by no live worker, but due as their ETA says
     scheduled = [{"id": i, "name": n, "queue": q, "eta": e} for i, n, q, e in held if e]
     print(
         json.dumps(
@@ -172,7 +218,7 @@ if request["mode"] == "report":
                 },
                 "waiting": waiting,
                 "held": len(held),
-                "orphaned": orphaned,
+                "orphaned": len(orphaned),
                 "scheduled": scheduled,
                 "late": [task for task in scheduled if due(task["eta"]) > deadline],
                 "unreachable": unreachable,
@@ -184,8 +230,11 @@ if request["mode"] == "report":
 start = time.monotonic()
 end = start + request["timeout"]
 while True:
+    # Orphans do not hold the drain: "confirm" puts them back once the drain workers stopped.
     print(
-        f"old broker: {sum(waiting.values())} waiting, {len(held)} held by workers ({orphaned} orphaned)", flush=True
+        f"old broker: {sum(waiting.values())} waiting, {len(held)} held by workers "
+        f"({len(orphaned)} orphaned in Redis' unacked, put back after the drain workers stop)",
+        flush=True,
     )
     if unreachable and not request["abandon_unreachable"]:
         raise SystemExit(f"old broker unreachable: {', '.join(unreachable)}; re-run when it is back")
@@ -200,4 +249,4 @@ while True:
             "its drain workers keep running, nothing was lost: re-run the playbook later"
         )
     time.sleep(2)
-    waiting, held, orphaned, unreachable = state(restore=True)
+    waiting, held, orphaned, unreachable = state()
