@@ -23,9 +23,10 @@ CONCURRENCY = 4
 class HALoad:
     """The Celery side of a failover test, for one broker URL list and its settings."""
 
-    def __init__(self, tmp_path, broker_url, quorum_queues=False, sentinel=None, ca_file=None):
-        """``ca_file``: the CA that signed the brokers' certificates, which the controller's trust
-        store lacks (OpenSSL reads SSL_CERT_FILE instead of the system's bundle)."""
+    def __init__(self, tmp_path, broker_url, quorum_queues=False, sentinel=None, rabbitmq_tls_name=None, ca_file=None):
+        """``sentinel`` and ``rabbitmq_tls_name`` as build_celery_config takes them. ``ca_file``: the CA
+        that signed the brokers' certificates, which the controller's trust store lacks (OpenSSL
+        reads SSL_CERT_FILE instead of the system's bundle)."""
         self.db = tmp_path / "runs.sqlite"
         self.env = dict(
             os.environ,
@@ -35,6 +36,7 @@ class HALoad:
             HA_BROKER_URL=broker_url,
             HA_QUORUM_QUEUES="true" if quorum_queues else "false",
             HA_SENTINEL=json.dumps(sentinel),
+            HA_RABBITMQ_TLS_NAME=rabbitmq_tls_name or "",
         )
         self.logs = tmp_path
         self.workers = []

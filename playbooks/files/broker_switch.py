@@ -96,8 +96,9 @@ def orphans(connection, queues, held_ids):
 
 def connect(url):
     # The app's transport options (on Redis its priority steps, one list each, all counted)
-    # and TLS options (amqps:// and rediss:// verify the broker, as the app does).
-    config = build_celery_config(url)
+    # and TLS options (amqps:// and rediss:// verify the broker, as the app does; the old
+    # settings' cluster name for a list of amqps:// URLs).
+    config = build_celery_config(url, rabbitmq_tls_name=old.get("CELERY_RABBITMQ_TLS_NAME") or None)
     options = config["broker_transport_options"]
     return Connection(url, connect_timeout=5, transport_options=options, ssl=config.get("broker_use_ssl", False))
 

@@ -80,7 +80,9 @@ def broker_name(url):
     raise ValueError(f"Unsupported broker URL scheme {scheme!r}: use redis(s)://, sentinel:// or amqp(s)://")
 
 
-def build_celery_config(broker_url, result_backend=None, quorum_queues=False, queue_names=QUEUE_NAMES, sentinel=None):
+def build_celery_config(
+    broker_url, result_backend=None, quorum_queues=False, queue_names=QUEUE_NAMES, sentinel=None, rabbitmq_tls_name=None
+):
     """Return Celery settings (lower-case names) suited to the broker in ``broker_url``.
 
     ``queue_names`` are the queues the app's workers consume (all of them unless hybrid mode moves some).
@@ -89,6 +91,8 @@ def build_celery_config(broker_url, result_backend=None, quorum_queues=False, qu
     the account the app logs in to the Sentinels with (username and password may be None: no Sentinel auth),
     and whether the Sentinels and Redis servers serve TLS only (optional, default False).
     The user and password of the URLs are those of the Redis servers.
+    ``rabbitmq_tls_name`` is the name every node of a RabbitMQ cluster's certificate carries, which
+    a list of ``amqps://`` URLs needs (see _amqps_options); None checks each URL's own host.
     """
     config = {
         "broker_url": broker_url,
@@ -125,7 +129,7 @@ def build_celery_config(broker_url, result_backend=None, quorum_queues=False, qu
             raise ValueError("Quorum queues are a RabbitMQ feature; turn CELERY_QUORUM_QUEUES off for Redis.")
         config.update(_redis_config(broker_url, queue_names))
     else:
-        config.update(_rabbitmq_config(broker_url, quorum_queues, queue_names))
+        config.update(_rabbitmq_config(broker_url, quorum_queues, queue_names, rabbitmq_tls_name))
     for url, options in [
         (broker_url, "broker_transport_options"),
         (result_backend, "result_backend_transport_options"),
@@ -141,13 +145,15 @@ def build_celery_config(broker_url, result_backend=None, quorum_queues=False, qu
     return config
 
 
-def build_hybrid_celery_config(broker_url, queue_names, result_backend=None, sentinel=None):
+def build_hybrid_celery_config(broker_url, queue_names, result_backend=None, sentinel=None, rabbitmq_tls_name=None):
     """Return the settings of hybrid mode's second app, which serves ``queue_names`` on ``broker_url``."""
     if unknown := set(queue_names) - set(QUEUE_NAMES):
         raise ValueError(f"Unknown queues {sorted(unknown)} in CELERY_HYBRID_QUEUES; choose from {QUEUE_NAMES}.")
     # No quorum queues: Celery sets up their native delayed delivery on conf.broker_url, which the
     # CELERY_BROKER_URL environment variable (the main broker) overrides in every app.
-    config = build_celery_config(broker_url, result_backend, queue_names=queue_names, sentinel=sentinel)
+    config = build_celery_config(
+        broker_url, result_backend, queue_names=queue_names, sentinel=sentinel, rabbitmq_tls_name=rabbitmq_tls_name
+    )
     # That variable wins over broker_url but not over these, which every connection of the app uses.
     config["broker_read_url"] = config["broker_write_url"] = broker_url
     return config
@@ -202,22 +208,23 @@ def _redis_config(broker_url, queue_names):
     return config
 
 
-def _amqps_options(broker_url):
-    """TLS options of an amqps:// URL: py-amqp then verifies the broker's certificate against the
-    system's trust store and, with server_hostname None, kombu checks it names the URL's host.
+def _amqps_options(broker_url, server_name=None):
+    """TLS options of amqps:// URLs: py-amqp verifies the broker's certificate against the system's
+    trust store, and that it names ``server_name``, or with None the URL's host (kombu fills it in).
 
     kombu (5.6) writes that host into these options in place, so after failing over to another
-    node it would check the first node's name: a list of amqps:// URLs is refused.
+    node it would check the first node's name: a list of amqps:// URLs needs a name that every
+    node's certificate carries (the cluster's), else it is refused.
     """
-    if ";" in broker_url:
+    if ";" in broker_url and not server_name:
         raise ValueError(
-            "A list of amqps:// URLs cannot fail over with the broker's name checked (kombu keeps the first "
-            "node's): list amqp:// URLs, or give one amqps:// URL"
+            "A list of amqps:// URLs cannot fail over with each node's name checked (kombu keeps the first "
+            "node's): set CELERY_RABBITMQ_TLS_NAME to a name every node's certificate carries, or give one URL"
         )
-    return {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
+    return {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": server_name}
 
 
-def _rabbitmq_config(broker_url, quorum_queues, queue_names):
+def _rabbitmq_config(broker_url, quorum_queues, queue_names, tls_name=None):
     queue_arguments = {
         # Messages that are rejected, expire or exceed a delivery limit go to celery.dlx -> dead_letter.
         "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name,
@@ -243,5 +250,5 @@ def _rabbitmq_config(broker_url, quorum_queues, queue_names):
         config["task_default_priority"] = DEFAULT_PRIORITY
     config["task_queues"] = _queues(queue_names, queue_arguments)
     if broker_scheme(broker_url) == "amqps":
-        config["broker_use_ssl"] = _amqps_options(broker_url)
+        config["broker_use_ssl"] = _amqps_options(broker_url, tls_name)
     return config

@@ -155,16 +155,23 @@ _sentinel = (
     if os.environ.get("CELERY_REDIS_SENTINEL_MASTER")
     else None
 )
+# The name every RabbitMQ cluster node's certificate carries: amqps:// to a cluster (celery_config).
+_rabbitmq_tls_name = os.environ.get("CELERY_RABBITMQ_TLS_NAME") or None
 _celery_config = build_celery_config(
     CELERY_BROKER_URL,
     result_backend=_result_backend,
     quorum_queues=env_bool("CELERY_QUORUM_QUEUES"),
     queue_names=[name for name in QUEUE_NAMES if name not in CELERY_HYBRID_QUEUES],
     sentinel=_sentinel,
+    rabbitmq_tls_name=_rabbitmq_tls_name,
 )
 globals().update({f"CELERY_{name.upper()}": value for name, value in _celery_config.items()})
 if CELERY_HYBRID_BROKER_URL:
     _hybrid_config = build_hybrid_celery_config(
-        CELERY_HYBRID_BROKER_URL, CELERY_HYBRID_QUEUES, _result_backend, sentinel=_sentinel
+        CELERY_HYBRID_BROKER_URL,
+        CELERY_HYBRID_QUEUES,
+        _result_backend,
+        sentinel=_sentinel,
+        rabbitmq_tls_name=_rabbitmq_tls_name,
     )
     globals().update({f"CELERY_HYBRID_{name.upper()}": value for name, value in _hybrid_config.items()})

@@ -114,9 +114,41 @@ def test_amqps_verifies_the_certificate_and_the_brokers_name():
     assert "broker_use_ssl" not in build_celery_config(RABBITMQ_URL)
 
 
-def test_a_list_of_amqps_urls_is_refused():
-    with pytest.raises(ValueError, match="amqps"):
-        build_celery_config("amqps://app:pw@10.0.0.5:5671/app;amqps://app:pw@10.0.0.6:5671/app")
+AMQPS_CLUSTER = "amqps://app:pw@10.0.0.5:5671/app;amqps://app:pw@10.0.0.6:5671/app"
+
+
+def test_a_list_of_amqps_urls_needs_the_clusters_name():
+    with pytest.raises(ValueError, match="CELERY_RABBITMQ_TLS_NAME"):
+        build_celery_config(AMQPS_CLUSTER)
+
+
+def server_names_checked(urls, ssl_options, monkeypatch):
+    """The name py-amqp is told to check on each node of the list, as kombu fails over through them."""
+    from kombu.transport import pyamqp
+
+    checked = []
+
+    class Refused(pyamqp.Connection):
+        def __init__(self, **options):
+            checked.append(options["ssl"]["server_hostname"])
+            raise OSError("refused")
+
+    monkeypatch.setattr(pyamqp.Transport, "Connection", Refused)
+    connection = Connection(urls, ssl=ssl_options)
+    for _ in urls.split(";"):
+        with pytest.raises(OSError):
+            connection.transport.establish_connection()
+        connection.maybe_switch_next()
+    return checked
+
+
+def test_a_list_of_amqps_urls_checks_the_clusters_name_on_every_node(monkeypatch):
+    config = build_celery_config(AMQPS_CLUSTER, rabbitmq_tls_name="rabbitmq.internal")
+    assert config["broker_use_ssl"] == {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": "rabbitmq.internal"}
+    assert server_names_checked(AMQPS_CLUSTER, config["broker_use_ssl"], monkeypatch) == ["rabbitmq.internal"] * 2
+    # Why a list needs it: with None, kombu keeps the first node's name for the second.
+    unnamed = {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
+    assert server_names_checked(AMQPS_CLUSTER, unnamed, monkeypatch) == ["10.0.0.5"] * 2
 
 
 def test_rabbitmq_settings_classic_queues():

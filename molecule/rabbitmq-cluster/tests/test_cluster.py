@@ -9,12 +9,21 @@ import json
 import os
 import re
 import socket
+import ssl
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from cbk_testlib import OTHER_CA_ONLY, ansible_env, platform_addresses, role_defaults, scenario_variables, tcp_probe
+from cbk_testlib import (
+    OTHER_CA_ONLY,
+    ansible_env,
+    platform_addresses,
+    role_defaults,
+    scenario_setting,
+    scenario_variables,
+    tcp_probe,
+)
 from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
 testinfra_hosts = ["ansible://rabbitmq"]
@@ -146,6 +155,19 @@ def test_nodes_and_cli_tools_reach_each_other_over_mutual_tls(host):
     assert other_ca.rc != 0 and "verify error" in other_ca.stdout, other_ca.stdout
 
 
+def test_clients_reach_every_node_over_amqps_only_by_the_clusters_name():
+    """From the docker host, the app's network position: each node's certificate carries the
+    cluster's name, which the app checks whichever node it fails over to; plain AMQP is closed."""
+    variables = scenario_variables()
+    context = ssl.create_default_context(cafile=f"{variables['base_tls_kit_ca_dir']}/ca.crt")
+    for node, ip in NODES.items():
+        with socket.create_connection((ip, scenario_setting("rabbitmq", "rabbitmq_amqps_port")), timeout=5) as sock:
+            with context.wrap_socket(sock, server_hostname=variables["rabbitmq_tls_cluster_name"]) as tls:
+                assert tls.version() in ("TLSv1.2", "TLSv1.3"), node
+        with pytest.raises(OSError):
+            socket.create_connection((ip, scenario_setting("rabbitmq", "rabbitmq_amqp_port")), timeout=3).close()
+
+
 def test_changing_the_distribution_kind_of_the_running_cluster_is_refused():
     """Before any change: a node restarted with plain distribution could not rejoin its TLS peers."""
     converge = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]).parent / "rabbitmq" / "converge.yml"
@@ -176,8 +198,16 @@ def test_app_queues_policy_dead_letters_after_the_delivery_limit():
 @pytest.fixture(scope="module")
 def load(tmp_path_factory):
     variables = scenario_variables()
-    url = ";".join(f"amqp://celery:{variables['rabbitmq_app_password']}@{ip}:5672/{VHOST}" for ip in NODES.values())
-    ha = HALoad(tmp_path_factory.mktemp("ha"), url, quorum_queues=True)
+    # AMQPS only (molecule.yml): the URL of every node, checked for the cluster's name, as the app's.
+    port = scenario_setting("rabbitmq", "rabbitmq_amqps_port")
+    url = ";".join(f"amqps://celery:{variables['rabbitmq_app_password']}@{ip}:{port}/{VHOST}" for ip in NODES.values())
+    ha = HALoad(
+        tmp_path_factory.mktemp("ha"),
+        url,
+        quorum_queues=True,
+        rabbitmq_tls_name=variables["rabbitmq_tls_cluster_name"],
+        ca_file=f"{variables['base_tls_kit_ca_dir']}/ca.crt",
+    )
     ha.start_workers()
     # The workers declare the task queue: a quorum queue with a member on each node.
     node = next(iter(NODES))

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 import testinfra
-from cbk_testlib import platform_addresses, role_defaults, scenario_setting, scenario_variables
+from cbk_testlib import OTHER_CA_ONLY, platform_addresses, role_defaults, scenario_setting, scenario_variables
 from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
 NODES = platform_addresses()
@@ -164,8 +164,7 @@ def test_only_tls_is_served_and_a_client_of_another_ca_is_refused():
     for port in (REDIS_PORT, SENTINEL_PORT):
         plain = node(client).run("printf 'PING\\n' | timeout 5 redis-cli -h %s -p %s", ip, str(port))
         assert not re.search("PONG|NOAUTH", plain.stdout + plain.stderr), (port, plain.stdout, plain.stderr)
-        # Debian's self-signed snakeoil certificate stands for any other CA.
-        other_ca = cli(client, ip, port, "PING", user="admin", ca="/etc/ssl/certs/ssl-cert-snakeoil.pem")
+        other_ca = cli(client, ip, port, "PING", user="admin", ca=OTHER_CA_ONLY)
         assert "certificate verify failed" in " ".join(other_ca), (port, other_ca)
         assert cli(client, ip, port, "PING", user="admin") == ["PONG"], port
 

@@ -33,6 +33,7 @@ app.config_from_object(
         # The only queue the workers consume (ha_testlib).
         queue_names=["celery"],
         sentinel=json.loads(os.environ.get("HA_SENTINEL", "null")),
+        rabbitmq_tls_name=os.environ.get("HA_RABBITMQ_TLS_NAME") or None,
     )
 )
 
