@@ -366,9 +366,9 @@ def test_postgresql_refuses_an_outside_host(broker_address, variables):
     )
 
 
-# From an app host: the database's certificate, checked as the app checks it (verify-full:
-# chain and address), against the system's trust store and against another CA only.
-POSTGRES_TLS = "openssl s_client -starttls postgres -connect %s:5432 -verify_ip %s -verify_return_error -CAfile %s"
+# From an app host: the database's and the mail sink's certificates (STARTTLS), checked as the
+# app checks them (chain and address), against the system's trust store and another CA only.
+STARTTLS = "openssl s_client -starttls %s -connect %s:%s -verify_ip %s -verify_return_error -CAfile %s"
 
 
 @pytest.fixture(scope="module")
@@ -382,10 +382,22 @@ def host_certificates():
 def test_the_app_hosts_verify_the_database_certificate(host_certificates, kit_hosts, broker_address):
     front = kit_hosts[HOSTS[1]][0]
     env = front.check_output("grep ^DATABASE_URL= /etc/sample_app/env")
-    verified = front.run(POSTGRES_TLS + " </dev/null", broker_address, broker_address, SYSTEM_CA_BUNDLE)
-    other = front.run(POSTGRES_TLS + " </dev/null", broker_address, broker_address, OTHER_CA_ONLY)
+    verified = front.run(STARTTLS + " </dev/null", "postgres", broker_address, "5432", broker_address, SYSTEM_CA_BUNDLE)
+    other = front.run(STARTTLS + " </dev/null", "postgres", broker_address, "5432", broker_address, OTHER_CA_ONLY)
     got = ("sslmode=verify-full" in env, verified.rc, other.rc != 0)
     report_line("postgresql: app's sslmode, verified, other CA refused", "(True, 0, True)", str(got), got == (True, 0, True))
+    assert got == (True, 0, True), (verified.stdout[-500:], other.stdout[-500:])
+
+
+def test_the_workers_verify_the_mail_sinks_certificate(host_certificates, kit_hosts, broker_address):
+    """The relay's stand-in (mail_sink_tls_enabled): Django sends with STARTTLS and checks the chain."""
+    front = kit_hosts[HOSTS[1]][0]
+    env = front.check_output("grep ^EMAIL_USE_TLS= /etc/sample_app/env")
+    smtp = ("smtp", broker_address, "25", broker_address)
+    verified = front.run(STARTTLS + " </dev/null", *smtp, SYSTEM_CA_BUNDLE)
+    other = front.run(STARTTLS + " </dev/null", *smtp, OTHER_CA_ONLY)
+    got = ('"true"' in env, verified.rc, other.rc != 0)
+    report_line("smtp: app's STARTTLS, verified, other CA refused", "(True, 0, True)", str(got), got == (True, 0, True))
     assert got == (True, 0, True), (verified.stdout[-500:], other.stdout[-500:])
 
 
