@@ -29,7 +29,7 @@ from kombu import Connection
 from kombu.exceptions import ChannelError, OperationalError
 
 from myproject.celery import app
-from myproject.celery_config import QUEUE_NAMES, build_celery_config
+from myproject.celery_config import QUEUE_NAMES, build_celery_config, sentinel_settings
 
 request = json.load(sys.stdin)
 # The mailbox publishes through the app's producer pool, on the broker of the app's settings
@@ -96,9 +96,11 @@ def orphans(connection, queues, held_ids):
 
 def connect(url):
     # The app's transport options (on Redis its priority steps, one list each, all counted)
-    # and TLS options (amqps:// and rediss:// verify the broker, as the app does; the old
-    # settings' cluster name for a list of amqps:// URLs).
-    config = build_celery_config(url, rabbitmq_tls_name=old.get("CELERY_RABBITMQ_TLS_NAME") or None)
+    # and TLS options (amqps:// and rediss:// verify the broker, as the app does), with the old
+    # settings' Sentinel login and cluster name (sentinel:// URLs, a list of amqps:// URLs).
+    config = build_celery_config(
+        url, sentinel=sentinel_settings(old), rabbitmq_tls_name=old.get("CELERY_RABBITMQ_TLS_NAME") or None
+    )
     options = config["broker_transport_options"]
     return Connection(url, connect_timeout=5, transport_options=options, ssl=config.get("broker_use_ssl", False))
 

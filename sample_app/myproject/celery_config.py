@@ -45,9 +45,8 @@ QUORUM_QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
 # is down must not stall finding the primary. Its answers are small and immediate.
 SENTINEL_SOCKET_TIMEOUT = 2
 # TLS to Redis (rediss://, or Sentinels that serve TLS): verify the server's certificate against the
-# system's trust store, and its name (redis-py checks it by default); kombu otherwise falls back to
-# CERT_NONE for rediss://.
-REDIS_TLS = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+# system's trust store, and its name; kombu otherwise falls back to CERT_NONE for rediss://.
+REDIS_TLS = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
 
 
 def dead_letter_queue(quorum_queues=False):
@@ -78,6 +77,19 @@ def broker_name(url):
     if scheme in RABBITMQ_SCHEMES:
         return "rabbitmq"
     raise ValueError(f"Unsupported broker URL scheme {scheme!r}: use redis(s)://, sentinel:// or amqp(s)://")
+
+
+def sentinel_settings(env):
+    """The ``sentinel`` argument of build_celery_config from the CELERY_REDIS_SENTINEL_* variables
+    of ``env`` (a mapping: os.environ, or an environment file's), or None without a master name."""
+    if not env.get("CELERY_REDIS_SENTINEL_MASTER"):
+        return None
+    return {
+        "master_name": env["CELERY_REDIS_SENTINEL_MASTER"],
+        "username": env.get("CELERY_REDIS_SENTINEL_USER") or None,
+        "password": env.get("CELERY_REDIS_SENTINEL_PASSWORD") or None,
+        "tls": env.get("CELERY_REDIS_SENTINEL_TLS", "").strip().lower() in {"1", "true", "yes", "on"},
+    }
 
 
 def build_celery_config(

@@ -7,7 +7,7 @@ import dj_database_url
 from django.conf import global_settings
 from django.core.exceptions import ImproperlyConfigured
 
-from .celery_config import QUEUE_NAMES, build_celery_config, build_hybrid_celery_config
+from .celery_config import QUEUE_NAMES, build_celery_config, build_hybrid_celery_config, sentinel_settings
 
 
 def env_bool(name, default=False):
@@ -144,17 +144,8 @@ CELERY_HYBRID_QUEUES = (env_list("CELERY_HYBRID_QUEUES") or ["analytics"]) if CE
 
 _result_backend = os.environ.get("CELERY_RESULT_BACKEND") or None
 # What sentinel:// URLs need (celery_config.build_celery_config): the master name the Sentinels
-# monitor, and the app's login on the Sentinels (the URLs carry the Redis servers' login).
-_sentinel = (
-    {
-        "master_name": os.environ["CELERY_REDIS_SENTINEL_MASTER"],
-        "username": os.environ.get("CELERY_REDIS_SENTINEL_USER") or None,
-        "password": os.environ.get("CELERY_REDIS_SENTINEL_PASSWORD") or None,
-        "tls": env_bool("CELERY_REDIS_SENTINEL_TLS"),
-    }
-    if os.environ.get("CELERY_REDIS_SENTINEL_MASTER")
-    else None
-)
+# monitor, the app's login on the Sentinels (the URLs carry the Redis servers' login), TLS.
+_sentinel = sentinel_settings(os.environ)
 # The name every RabbitMQ cluster node's certificate carries: amqps:// to a cluster (celery_config).
 _rabbitmq_tls_name = os.environ.get("CELERY_RABBITMQ_TLS_NAME") or None
 _celery_config = build_celery_config(

@@ -16,6 +16,7 @@ from myproject.celery_config import (
     build_celery_config,
     build_hybrid_celery_config,
     dead_letter_queue,
+    sentinel_settings,
 )
 from users.tasks import send_welcome_email
 
@@ -105,7 +106,7 @@ def test_visibility_timeout_outlasts_tasks_and_countdowns():
 
 def test_rediss_verifies_certificates():
     config = build_celery_config("rediss://:pw@redis.internal:6380/0")
-    assert config["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert config["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
 
 
 def test_amqps_verifies_the_certificate_and_the_brokers_name():
@@ -289,9 +290,22 @@ def test_sentinel_tls_verifies_the_sentinels_and_the_primary():
     )
     for options in ("broker_transport_options", "result_backend_transport_options"):
         kwargs = config[options]["sentinel_kwargs"]
-        assert (kwargs["ssl"], kwargs["ssl_cert_reqs"]) == (True, ssl.CERT_REQUIRED), options
-    assert config["broker_use_ssl"] == config["redis_backend_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+        assert (kwargs["ssl"], kwargs["ssl_cert_reqs"], kwargs["ssl_check_hostname"]) == (True, ssl.CERT_REQUIRED, True)
+    verified = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
+    assert config["broker_use_ssl"] == config["redis_backend_use_ssl"] == verified
     # A RabbitMQ broker beside a Sentinel result backend keeps its own TLS settings.
     assert "broker_use_ssl" not in build_celery_config(
         RABBITMQ_URL, result_backend=SENTINEL_URLS, sentinel={**SENTINEL, "tls": True}
     )
+
+
+def test_sentinel_settings_from_an_environment():
+    assert sentinel_settings({"CELERY_REDIS_SENTINEL_MASTER": ""}) is None
+    env = {
+        "CELERY_REDIS_SENTINEL_MASTER": "celery",
+        "CELERY_REDIS_SENTINEL_USER": "celery-sentinel",
+        "CELERY_REDIS_SENTINEL_PASSWORD": "sentinel-secret",
+        "CELERY_REDIS_SENTINEL_TLS": "true",
+    }
+    assert sentinel_settings(env) == {**SENTINEL, "tls": True}
+    assert sentinel_settings({**env, "CELERY_REDIS_SENTINEL_TLS": ""})["tls"] is False

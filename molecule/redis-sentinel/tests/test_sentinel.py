@@ -15,7 +15,14 @@ import uuid
 
 import pytest
 import testinfra
-from cbk_testlib import OTHER_CA_ONLY, platform_addresses, role_defaults, scenario_setting, scenario_variables
+from cbk_testlib import (
+    OTHER_CA_ONLY,
+    ansible_env,
+    platform_addresses,
+    role_defaults,
+    scenario_setting,
+    scenario_variables,
+)
 from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
 NODES = platform_addresses()
@@ -193,6 +200,21 @@ def test_secrets_are_not_world_readable():
         for user in ("celery", "admin", "celery-sentinel"):
             found = host.run("grep -rlF -e %s /etc/redis /var/lib/redis /var/lib/redis-sentinel", password(user))
             assert found.rc == 1, f"{user}'s password in clear text on {name}: {found.stdout}"
+
+
+def test_a_tls_change_of_the_running_group_is_refused_before_any_change():
+    """The Sentinels' state files hold their peers' ports: the role stops, naming the steps."""
+    playbook = os.path.join(os.path.dirname(__file__), os.pardir, "converge.yml")
+    before = {name: node(name).check_output("sha256sum /etc/redis/redis.conf") for name in NODES}
+    run = subprocess.run(
+        ["ansible-playbook", "--check", "-i", os.environ["MOLECULE_INVENTORY_FILE"], playbook,
+         "--skip-tags", "cbk-base", "-e", json.dumps({"redis_tls_enabled": not TLS})],
+        env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, check=False,
+    )
+    output = " ".join(run.stdout.split())
+    assert run.returncode != 0 and "so a running group cannot change them in place" in output, output[-3000:]
+    assert "set redis_sentinel_initial_primary to the host at " + NODES["cbk-redis-sentinel-n1"] in output
+    assert {name: node(name).check_output("sha256sum /etc/redis/redis.conf") for name in NODES} == before
 
 
 # --- (d) failover ----------------------------------------------------------------------------

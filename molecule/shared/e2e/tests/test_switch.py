@@ -70,11 +70,18 @@ def playbook(name, probe_address, *args, inventory=INVENTORY, interrupt_when=Non
         )
         while process.poll() is None and not interrupt_when():
             time.sleep(1)
-        with contextlib.suppress(ProcessLookupError):  # the run may have ended first
-            os.killpg(process.pid, signal.SIGINT)
-        try:
-            output = process.communicate(timeout=120)[0] + "\n==== interrupted; run again ====\n"
-        except subprocess.TimeoutExpired:
+        # Python can swallow a KeyboardInterrupt raised inside a cleanup function (a CI run's
+        # ansible-playbook printed "Exception ignored in: <function _releaseLock>" and ran on to
+        # the end): press Ctrl-C again every 20 s, for 120 s at most, until the run stops.
+        for _ in range(6):
+            with contextlib.suppress(ProcessLookupError):  # the run may have ended first
+                os.killpg(process.pid, signal.SIGINT)
+            try:
+                output = process.communicate(timeout=20)[0] + "\n==== interrupted; run again ====\n"
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
             # What still runs (the session's processes), to see why.
             ps = ["ps", "-o", "pid,stat,etime,args", "-g", str(process.pid)]
             tree = subprocess.run(ps, capture_output=True, text=True)
@@ -86,7 +93,9 @@ def playbook(name, probe_address, *args, inventory=INVENTORY, interrupt_when=Non
     RESULTS.mkdir(parents=True, exist_ok=True)
     playbook.runs += 1
     log = "-".join(arg.split("=")[-1] for arg in args if not arg.startswith("-"))
-    (RESULTS / f"{playbook.runs:02d}-{log}.log").write_text(output + result.stdout)
+    # Both runs' output: an interrupted run may have gone as far as the drain.
+    result.log = output + result.stdout
+    (RESULTS / f"{playbook.runs:02d}-{log}.log").write_text(result.log)
     return result
 
 
@@ -148,8 +157,8 @@ def wait_for_runs(hosts, ids, since, seconds=180):
 
 def drain_figures(switch):
     """From the drain's report in the run's output: (waiting, held) when it began, and its seconds."""
-    began = re.search(r"old broker: (\d+) waiting, (\d+) held by workers", switch.stdout)
-    took = re.search(r"drained after (\d+) s", switch.stdout)
+    began = re.search(r"old broker: (\d+) waiting, (\d+) held by workers", switch.log)
+    took = re.search(r"drained after (\d+) s", switch.log)
     return (tuple(map(int, began.groups())) if began else None), (int(took[1]) if took else None)
 
 
@@ -290,7 +299,7 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
     messages = settle_mail(backend, signups, 240)
     lost, twice, resent, emails = mail_tally(signups, messages)
     # The task the bad-input step orphaned (its worker was killed): the drain put it back.
-    put_back = re.findall(r"put\s+back\s+in\s+\w+:\s+\S+\[([0-9a-f-]+)\]", switch.stdout)
+    put_back = re.findall(r"put\s+back\s+in\s+\w+:\s+\S+\[([0-9a-f-]+)\]", switch.log)
     unrestored = [task for task in carried_over if task not in put_back]
     tasks = backlog + scheduled + after + carried_over
     carried_over.clear()
