@@ -75,23 +75,29 @@ for queue in QUEUE_NAMES:
         moving[queue] = (was, now)
 
 
-def orphans(connection, queues, held_ids):
-    """Redis only: delivered messages of the queues that no live worker holds, delivered
-    ORPHAN_AFTER seconds ago or more (a younger one may be on its way into a worker's
-    reserved list): {delivery tag: (id, name, queue, eta or None)}."""
+def unacked(connection, queues, older_than=0):
+    """Redis only: the messages of the queues in kombu's `unacked` hash, delivered older_than
+    seconds ago or more: {delivery tag: (id, name, queue, eta or None)}."""
     channel = connection.default_channel
     client = channel.client
     found = {}
     # Only commands the app's Redis user may run (roles/redis, redis_app_acl_commands).
     for tag, delivered in client.zrange(channel.unacked_index_key, 0, -1, withscores=True):
         raw = client.hget(channel.unacked_key, tag)
-        if raw is None or time.time() - delivered < ORPHAN_AFTER:
-            continue  # acknowledged meanwhile, or too recent to tell
+        if raw is None or time.time() - delivered < older_than:
+            continue  # acknowledged meanwhile, or too recent
         message, _exchange, queue = json.loads(raw)
         headers = message.get("headers") or {}
-        if queue in queues and headers.get("id") and headers["id"] not in held_ids:
-            found[tag] = (headers["id"], headers.get("task"), queue, headers.get("eta"))
+        if queue in queues:
+            found[tag] = (headers.get("id"), headers.get("task"), queue, headers.get("eta"))
     return found
+
+
+def orphans(connection, queues, held_ids):
+    """Redis only: delivered messages of the queues that no live worker holds, delivered
+    ORPHAN_AFTER seconds ago or more (a younger one may be on its way into a worker's
+    reserved list): [(id, name, queue, eta or None)]."""
+    return [task for task in unacked(connection, queues, ORPHAN_AFTER).values() if task[0] and task[0] not in held_ids]
 
 
 def connect(url):
@@ -105,20 +111,24 @@ def connect(url):
     return Connection(url, connect_timeout=5, transport_options=options, ssl=config.get("broker_use_ssl", False))
 
 
+def declared(connection, queue):
+    """The queue's passive declaration on this broker (message and consumer counts), or None
+    when it was never declared there."""
+    channel = connection.channel()
+    try:
+        return channel.queue_declare(queue, passive=True)
+    except ChannelError:
+        return None
+    finally:
+        channel.close()
+
+
 def look(url, queues):
     """Messages waiting in the queues on this broker, the tasks of those queues that workers
     connected to it say they hold: [(id, name, queue, eta or None)], and the orphans (Redis)."""
     with connect(url) as connection:
         connection.ensure_connection(max_retries=1)
-        waiting = {}
-        for queue in queues:
-            channel = connection.channel()
-            try:
-                waiting[queue] = channel.queue_declare(queue, passive=True).message_count
-            except ChannelError:
-                waiting[queue] = 0  # never declared there
-            finally:
-                channel.close()
+        waiting = {queue: ok.message_count if (ok := declared(connection, queue)) else 0 for queue in queues}
         inspect = app.control.inspect(timeout=3, connection=connection)
         held = []
         for kind in ("active", "reserved", "scheduled"):
@@ -131,7 +141,7 @@ def look(url, queues):
                         held.append((task["id"], task["name"], queue, entry.get("eta")))
         lost = []
         if connection.transport.driver_type == "redis":
-            lost = list(orphans(connection, queues, {task[0] for task in held}).values())
+            lost = orphans(connection, queues, {task[0] for task in held})
     return waiting, held, lost
 
 
@@ -141,46 +151,37 @@ def confirm(url, queues):
     with connect(url) as connection:
         connection.ensure_connection(max_retries=1)
         if connection.transport.driver_type == "redis":
-            channel = connection.default_channel
-            client = channel.client
-            for tag in client.zrange(channel.unacked_index_key, 0, -1):
-                raw = client.hget(channel.unacked_key, tag)
-                if raw is None:
-                    continue  # acknowledged meanwhile
-                message, _exchange, queue = json.loads(raw)
-                if queue in queues:
-                    headers = message.get("headers") or {}
-                    channel.qos.restore_by_tag(tag)
-                    task = f"{headers.get('task')}[{headers.get('id')}]"
-                    print(f"put back in {queue}: {task}, left in Redis' unacked", flush=True)
-        left, consumers = 0, 0
-        for queue in queues:
-            channel = connection.channel()
-            try:
-                ok = channel.queue_declare(queue, passive=True)
-                left, consumers = left + ok.message_count, consumers + ok.consumer_count
-            except ChannelError:
-                pass  # never declared there
-            finally:
-                channel.close()
-    return left, consumers
+            for tag, (task_id, name, queue, _) in unacked(connection, queues).items():
+                connection.default_channel.qos.restore_by_tag(tag)
+                print(f"put back in {queue}: {name}[{task_id}], left in Redis' unacked", flush=True)
+        counts = [ok for queue in queues if (ok := declared(connection, queue))]
+    return sum(ok.message_count for ok in counts), sum(ok.consumer_count for ok in counts)
 
 
-def by_broker():
+def per_broker(look_at):
+    """look_at(url, its moving queues) on each old broker: ([its results], [the unreachable
+    ones, password masked])."""
     brokers = {}
     for queue, (was, _) in moving.items():
         brokers.setdefault(was, []).append(queue)
-    return brokers
+    results, unreachable = [], []
+    for url, queues in brokers.items():
+        try:
+            results.append(look_at(url, queues))
+        except (OperationalError, OSError):
+            unreachable.append(safe(url))
+    return results, unreachable
+
+
+def stop_if_unreachable(unreachable):
+    if unreachable and not request["abandon_unreachable"]:
+        raise SystemExit(f"old broker unreachable: {', '.join(unreachable)}; re-run when it is back")
 
 
 def state():
-    waiting, held, orphaned, unreachable = {}, [], [], []
-    for url, queues in by_broker().items():
-        try:
-            broker_waiting, broker_held, broker_orphaned = look(url, queues)
-        except (OperationalError, OSError):
-            unreachable.append(safe(url))
-            continue
+    waiting, held, orphaned = {}, [], []
+    results, unreachable = per_broker(look)
+    for broker_waiting, broker_held, broker_orphaned in results:
         waiting.update(broker_waiting)
         held += broker_held
         orphaned += broker_orphaned
@@ -188,16 +189,9 @@ def state():
 
 
 if request["mode"] == "confirm":
-    left, consumers, unreachable = 0, 0, []
-    for url, queues in by_broker().items():
-        try:
-            broker_left, broker_consumers = confirm(url, queues)
-        except (OperationalError, OSError):
-            unreachable.append(safe(url))
-            continue
-        left, consumers = left + broker_left, consumers + broker_consumers
-    if unreachable and not request["abandon_unreachable"]:
-        raise SystemExit(f"old broker unreachable: {', '.join(unreachable)}; re-run when it is back")
+    results, unreachable = per_broker(confirm)
+    stop_if_unreachable(unreachable)
+    left, consumers = sum(result[0] for result in results), sum(result[1] for result in results)
     print(f"old broker, its drain workers stopped: {left} messages, {consumers} consumers")
     print("not empty" if left or consumers else "empty")
     raise SystemExit(0)
@@ -239,8 +233,7 @@ while True:
         f"({len(orphaned)} orphaned in Redis' unacked, put back after the drain workers stop)",
         flush=True,
     )
-    if unreachable and not request["abandon_unreachable"]:
-        raise SystemExit(f"old broker unreachable: {', '.join(unreachable)}; re-run when it is back")
+    stop_if_unreachable(unreachable)
     if not sum(waiting.values()) and not held:
         print(f"drained after {time.monotonic() - start:.0f} s")
         print("drained")
