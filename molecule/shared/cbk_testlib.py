@@ -46,14 +46,32 @@ def scenario_variables():
 
 
 @functools.cache
-def platform_addresses():
-    """{instance: address} of the scenario's instances that molecule.yml gives a fixed one."""
+def scenario_config():
+    """The scenario's molecule.yml (untemplated; without .config/molecule/config.yml)."""
     import yaml
 
-    config = yaml.safe_load((Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]) / "molecule.yml").read_text())
+    return yaml.safe_load((Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]) / "molecule.yml").read_text())
+
+
+def inventory_sources():
+    """The inventories of the scenario's Ansible runs: Molecule's, then those its molecule.yml
+    adds in ansible_args (e2e-rabbitmq's copy of production.example), whose values win."""
+    args = [os.path.expandvars(arg) for arg in scenario_config().get("provisioner", {}).get("ansible_args", [])]
+    added = [source for flag, source in zip(args, args[1:], strict=False) if flag == "--inventory"]
+    return [str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent), *added]
+
+
+def inventory_args():
+    """ansible-playbook's arguments for the scenario's inventories, as its runs get them."""
+    return [f"--inventory={source}" for source in inventory_sources()]
+
+
+@functools.cache
+def platform_addresses():
+    """{instance: address} of the scenario's instances that molecule.yml gives a fixed one."""
     return {
         platform["name"]: network["ipv4_address"]
-        for platform in config["platforms"]
+        for platform in scenario_config().get("platforms", [])
         for network in platform.get("networks", [])
         if "ipv4_address" in network
     }
@@ -70,8 +88,17 @@ def role_defaults(role, kind="defaults"):
 
 @functools.cache
 def host_variable(host_name, name):
-    """A variable of one inventory host as Ansible templates it (the scenario's Jinja resolved)."""
-    return inventory_host(host_name).ansible("debug", f"var={name}")[name]
+    """A variable of one inventory host as the scenario's runs template it, from all their inventories."""
+    out = subprocess.run(
+        ["ansible", host_name, *inventory_args(), "-m", "ansible.builtin.debug", "-a", f"var={name}"],
+        env=ansible_env(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.posix.json"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # The JSON report, between the lines of the scenario's other callbacks (profile_tasks).
+    report, _ = json.JSONDecoder().raw_decode(out.stdout, out.stdout.index("{"))
+    return report["plays"][0]["tasks"][0]["hosts"][host_name][name]
 
 
 def scenario_setting(role, name):

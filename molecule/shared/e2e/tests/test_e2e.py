@@ -12,12 +12,14 @@ import uuid
 import pytest
 from cbk_testlib import (
     e2e_broker,
+    host_variable,
     http_get,
     http_request,
     scenario_setting,
     scenario_variables,
     wait_for_maildir_message,
 )
+from conftest import FRONT
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BROKER = e2e_broker(SCENARIO)
@@ -64,7 +66,7 @@ def test_signup_delivers_the_welcome_email(backend, site):
     assert path, f"no welcome email to {email} in {MAILDIR} within {DELIVERY_SECONDS} s"
     message = backend.file(path).content_string
     assert "Subject: Welcome!" in message
-    assert "From: welcome@e2e.invalid" in message
+    assert f"From: {host_variable(FRONT, 'django_app_email_from')}" in message
 
 
 def test_no_secret_and_no_signup_address_cross_the_network_in_clear(backend, front, site):

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import testinfra
+import yaml
 from cbk_testlib import (
     OTHER_CA_ONLY,
     SYSTEM_CA_BUNDLE,
@@ -26,7 +27,9 @@ from cbk_testlib import (
     e2e_broker,
     host_variable,
     http_request,
+    inventory_args,
     inventory_host,
+    inventory_sources,
     pending_security_updates,
     scenario_setting,
     scenario_variables,
@@ -113,6 +116,13 @@ def variables():
 def secrets(variables):
     """{name: value} of every secret of the scenario, the generated ones included."""
     found = {name: str(variables[name]) for name in SECRET_VARIABLES}
+    # e2e-rabbitmq's copy of production.example: its vault's values (the Erlang cookie and
+    # the relay's password besides the scenario's).
+    for source in inventory_sources()[1:]:
+        vault = Path(source) / "group_vars" / "all" / "vault.yml"
+        if vault.exists():
+            plain = subprocess.run(["ansible-vault", "view", str(vault)], env=ansible_env(), capture_output=True, text=True, check=True)
+            found |= {f"vault {name}": str(value) for name, value in yaml.safe_load(plain.stdout).items()}
     for path in (EPHEMERAL / "secrets").glob("*"):
         if path.is_file():
             found[f"generated {path.name}"] = path.read_text().strip()
@@ -409,7 +419,7 @@ def refused_before_any_host_changes(kit_hosts, probe_address, cases):
     before = {name: host.check_output(state) for name, (host, _) in kit_hosts.items()}
     for variable, extra_vars, message in cases:
         result = subprocess.run(
-            ["ansible-playbook", "-i", str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent), "--tags", "base",
+            ["ansible-playbook", *inventory_args(), "--tags", "base",
              "-e", f"e2e_probe_address={probe_address}", "-e", json.dumps(extra_vars, default=str),
              str(Path(__file__).parent.parent / "converge.yml")],
             env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
