@@ -1,5 +1,7 @@
 """Helpers shared by the testinfra suites of every Molecule scenario."""
 
+import base64
+import contextlib
 import functools
 import json
 import os
@@ -164,6 +166,50 @@ def listen(host, port):
     if not host.service(unit).is_running:
         host.check_output("systemd-run --unit %s --collect python3 -m http.server %s --bind 0.0.0.0", unit, str(port))
     host.run_expect([0], "timeout 10 sh -c 'until ss -Htln \"sport = :%s\" | grep -q .; do sleep 0.2; done'", str(port))
+
+
+class PacketCapture:
+    """What tcpdump wrote on one host: read it once the capture has stopped."""
+
+    def __init__(self, host, path):
+        self.host, self.path = host, path
+
+    def packets(self, expression):
+        """How many captured packets match a tcpdump filter expression, e.g. 'tcp port 6379'."""
+        return int(self.host.check_output("tcpdump -r %s -nn %s 2>/dev/null | wc -l", self.path, expression))
+
+    @functools.cached_property
+    def raw(self):
+        """The capture file's bytes, headers and payloads: what a listener on the wire could read."""
+        return base64.b64decode(self.host.check_output("base64 -w0 %s", self.path))
+
+    def in_clear(self, values):
+        """The names of the values ({name: value}) found as they are in the raw capture."""
+        return [name for name, value in values.items() if str(value).encode() in self.raw]
+
+
+@contextlib.contextmanager
+def packet_capture(hosts, path="/var/tmp/cbk-capture.pcap"):
+    """tcpdump on every interface of each host ({key: testinfra host}), loopback included and
+    SSH left out, while the with-block runs; yields {key: PacketCapture}, to read after it."""
+    unit = f"cbk-capture-{uuid.uuid4().hex[:8]}"
+    try:
+        for host in hosts.values():
+            host.check_output("apt-get install -y -qq tcpdump >/dev/null")
+            # --immediate-mode: packets still in the kernel's buffer would be lost at the stop.
+            host.check_output(
+                "systemd-run --collect --unit %s tcpdump --immediate-mode -U -i any -w %s 'not port 22'", unit, path
+            )
+            # Capturing once tcpdump says so: traffic before that would go unseen.
+            host.check_output(
+                'timeout 20 sh -c \'until journalctl -u "$1" -o cat | grep -q "listening on"; do sleep 0.2; done\''
+                " _ %s",
+                unit,
+            )
+        yield {key: PacketCapture(host, path) for key, host in hosts.items()}
+    finally:
+        for host in hosts.values():
+            host.run("systemctl stop %s", unit)
 
 
 SMTP_SEND = (

@@ -18,6 +18,7 @@ import testinfra
 from cbk_testlib import (
     OTHER_CA_ONLY,
     ansible_env,
+    packet_capture,
     platform_addresses,
     role_defaults,
     scenario_setting,
@@ -39,6 +40,13 @@ CONTROLLER_CA = f"{scenario_variables()['base_tls_kit_ca_dir']}/ca.crt"
 # for a loaded CI machine.
 ELECTION_BOUND = 30
 TASKS, PER_SECOND, STOP_AFTER = 300, 20, 100
+# The Sentinels PING each other every second and publish hello messages through every server
+# every 2 s: a capture this much longer holds several of each.
+SENTINEL_SECONDS = 5
+# Runs on a node: a UDP datagram to its own loopback, which its capture must hold as sent.
+PLAIN_DATAGRAM = (
+    "import socket, sys\nsocket.socket(type=socket.SOCK_DGRAM).sendto(sys.argv[1].encode(), ('127.0.0.1', 9))\n"
+)
 
 
 def node(name):
@@ -174,6 +182,50 @@ def test_only_tls_is_served_and_a_client_of_another_ca_is_refused():
         other_ca = cli(client, ip, port, "PING", user="admin", ca=OTHER_CA_ONLY)
         assert "certificate verify failed" in " ".join(other_ca), (port, other_ca)
         assert cli(client, ip, port, "PING", user="admin") == ["PONG"], port
+
+
+def replication_link(replica):
+    """The replica's local port of its link to the primary (CLIENT LIST's laddr of the master)."""
+    line = cli(replica, "127.0.0.1", REDIS_PORT, "CLIENT LIST TYPE master", user="admin")[0]
+    return int(re.search(r"\bladdr=\S+:(\d+)", line).group(1))
+
+
+def test_replication_and_sentinel_links_carry_no_data_in_clear():
+    """Packets captured on every node while a marker is written to the primary, replicated and read
+    back on both replicas, and the Sentinels talk to the servers, to each other and to a client:
+    the replication links and the Sentinel port carry packets but neither the marker nor any of
+    the scenario's passwords. A datagram sent in clear is found: the capture sees payloads."""
+    primary = "cbk-redis-sentinel-n1"
+    replicas = [name for name in NODES if name != primary]
+    links = {name: replication_link(name) for name in replicas}
+    key, marker, control = f"capture-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex, f"control-{uuid.uuid4().hex}"
+    with packet_capture({name: node(name) for name in NODES}) as captures:
+        # From a replica's host to the primary's address: the write crosses the network as well.
+        written = cli(replicas[0], NODES[primary], REDIS_PORT, f"SET {key} {marker}", "WAIT 2 5000", user="admin")
+        assert written == ["OK", "2"], written
+        for name in replicas:
+            assert cli(name, "127.0.0.1", REDIS_PORT, f"GET {key}", user="admin") == [marker], name
+        for name, ip in NODES.items():
+            assert primary_by_sentinel(other(name), ip) == [NODES[primary]], name
+            node(name).check_output("python3 -c %s %s", PLAIN_DATAGRAM, control)
+        time.sleep(SENTINEL_SECONDS)
+    secrets = {name: str(value) for name, value in scenario_variables().items() if name.endswith("_password")}
+    secrets.update({"the marker": marker, "the marker's key": key})
+    packets, in_clear = {}, {}
+    for name, capture in captures.items():
+        peers = " or ".join(f"host {ip}" for peer, ip in NODES.items() if peer != name)
+        packets[name] = {
+            "data port to peers": capture.packets(f"tcp port {REDIS_PORT} and ({peers})"),
+            "Sentinel port to peers": capture.packets(f"tcp port {SENTINEL_PORT} and ({peers})"),
+        }
+        if name in links:
+            link = f"tcp port {REDIS_PORT} and tcp port {links[name]} and host {NODES[primary]}"
+            packets[name]["replication link"] = capture.packets(link)
+        in_clear[name] = capture.in_clear(secrets)
+        assert capture.in_clear({"control": control}) == ["control"], f"{name}: the capture holds no payload"
+    print(f"packets per node: {packets}")
+    assert all(all(counts.values()) for counts in packets.values()), packets
+    assert not any(in_clear.values()), f"in clear on the network: {in_clear}"
 
 
 def test_no_peer_or_client_was_refused_by_a_sentinel():

@@ -3,7 +3,6 @@ worker on the broker the scenario names sends the welcome email into the mail si
 losing one worker host's workers does not stop delivery; Flower and the RabbitMQ
 management UI answer operators with credentials only."""
 
-import base64
 import json
 import os
 import time
@@ -15,6 +14,7 @@ from cbk_testlib import (
     host_variable,
     http_get,
     http_request,
+    packet_capture,
     scenario_setting,
     scenario_variables,
     wait_for_maildir_message,
@@ -76,29 +76,22 @@ def test_no_secret_and_no_signup_address_cross_the_network_in_clear(backend, fro
     if not site.https:
         pytest.skip("switch keeps the sandbox's plain-text links")
     hosts = {"debian12": backend, "debian13": front}
-    capture, unit = "/var/tmp/cbk-capture.pcap", f"cbk-capture-{uuid.uuid4().hex[:8]}"
-    for host in hosts.values():
-        host.check_output("apt-get install -y -qq tcpdump >/dev/null")
-        # --immediate-mode: packets still in the kernel's buffer would be lost at the stop.
-        host.check_output("systemd-run --collect --unit %s tcpdump --immediate-mode -U -i any -w %s 'not port 22'", unit, capture)
-        # Capturing once tcpdump says so: a signup before that would go unseen.
-        host.check_output("timeout 20 sh -c 'until journalctl -u \"$1\" -o cat | grep -q \"listening on\"; do sleep 0.2; done' _ %s", unit)
-    try:
+    with packet_capture(hosts) as captures:
         email = sign_up(front, site)
         assert wait_for_maildir_message(backend, MAILDIR, email, timeout=DELIVERY_SECONDS), email
-    finally:
-        for host in hosts.values():
-            host.run("systemctl stop %s", unit)
-    secrets = {name: str(value) for name, value in scenario_variables().items() if name.endswith(("_password", "_secret_key"))}
+    secrets = {
+        name: str(value) for name, value in scenario_variables().items() if name.endswith(("_password", "_secret_key"))
+    }
     secrets["the signup address"] = email
-    links = {"AMQPS": scenario_setting("rabbitmq", "rabbitmq_amqps_port"), "PostgreSQL": scenario_setting("postgresql", "postgresql_port")}
+    links = {
+        "AMQPS": scenario_setting("rabbitmq", "rabbitmq_amqps_port"),
+        "PostgreSQL": scenario_setting("postgresql", "postgresql_port"),
+    }
     # The mail sink is on debian12: whichever worker sends the email, its SMTP crosses an interface there.
     expected = {"debian12": {**links, "SMTP": 25}, "debian13": links}
-    for short, host in hosts.items():
-        packets = {link: int(host.check_output("tcpdump -r %s -nn 'tcp port %s' 2>/dev/null | wc -l", capture, str(port)))
-                   for link, port in expected[short].items()}
-        captured = base64.b64decode(host.check_output("base64 -w0 %s", capture))
-        in_clear = [name for name, value in secrets.items() if value.encode() in captured]
+    for short, capture in captures.items():
+        packets = {link: capture.packets(f"tcp port {port}") for link, port in expected[short].items()}
+        in_clear = capture.in_clear(secrets)
         assert all(packets.values()), f"{short}: the capture missed a link of the signup: {packets}"
         assert not in_clear, f"{short}: in clear on the network: {in_clear}"
 
