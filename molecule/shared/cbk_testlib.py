@@ -124,10 +124,12 @@ def ansible_env(**extra):
 
 
 def redis_admin(host, *command):
-    """A redis-cli command as the Redis role's admin user (password through the environment)."""
+    """A redis-cli command as the Redis role's admin user (password through the environment),
+    over the role's local socket, which serves with and without TLS."""
     return host.check_output(
-        "REDISCLI_AUTH=%s redis-cli --user admin --no-auth-warning " + " ".join(["%s"] * len(command)),
+        "REDISCLI_AUTH=%s redis-cli -s %s --user admin --no-auth-warning " + " ".join(["%s"] * len(command)),
         scenario_variables()["redis_admin_password"],
+        role_defaults("redis", "vars")["redis__socket"],
         *command,
     )
 

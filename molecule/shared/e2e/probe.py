@@ -23,10 +23,14 @@ def tcp(address, port):
         return "timeout"
 
 
-def redis(address, port, command, username=None, password=None):
+def redis(address, port, command, username=None, password=None, tls=False):
+    """A Redis command; with tls, over TLS verified against the system's CAs, the name included."""
     import redis as redis_py
 
-    client = redis_py.Redis(address, port, username=username, password=password, socket_timeout=TIMEOUT)
+    client = redis_py.Redis(
+        address, port, username=username, password=password, socket_timeout=TIMEOUT,
+        ssl=tls, ssl_cert_reqs="required", ssl_check_hostname=tls,
+    )
     reply = client.execute_command(*command)
     return f"ok {str(reply)[:40]}"
 

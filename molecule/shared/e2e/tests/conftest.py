@@ -4,6 +4,7 @@ probe is no kit host, a client from outside."""
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 from cbk_testlib import Site, address, direct, flower_ui, inventory_host, management_ui, scenario_variables
@@ -63,9 +64,9 @@ def flower(backend_address):
 @pytest.fixture(scope="session")
 def probe_trusts_kit_ca(site):
     """The probe trusts the kit CA in its system store (python's clients), as an operator's
-    machine would; chromium's own store is left to the browser test."""
-    if site.https:
-        ca = f"{scenario_variables()['base_tls_kit_ca_dir']}/ca.crt"
+    machine would, where the scenario has one; chromium's own store is left to the browser test."""
+    ca = Path(scenario_variables()["base_tls_kit_ca_dir"]) / "ca.crt"
+    if ca.exists():
         subprocess.run(["docker", "cp", ca, f"{PROBE}:/usr/local/share/ca-certificates/cbk-ca.crt"], check=True)
         subprocess.run(["docker", "exec", PROBE, "update-ca-certificates"], check=True, capture_output=True)
     return site

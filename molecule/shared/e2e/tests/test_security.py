@@ -145,11 +145,19 @@ def amqp_endpoint(broker_address):
     return SimpleNamespace(address=broker_address, port=port, tls=tls, https=tls)
 
 
-def test_redis_refuses_strangers_and_limits_the_app_user(broker_address, variables):
+@pytest.fixture(scope="module")
+def redis_endpoint(broker_address):
+    """Redis' client port as the scenario serves it: TLS only in switch (redis_tls_enabled)."""
+    tls = host_variable(HOSTS[0], "redis_tls_enabled") is True
+    port = int(scenario_setting("redis", "redis_tls_port" if tls else "redis_port"))
+    return SimpleNamespace(address=broker_address, port=port, tls=tls)
+
+
+def test_redis_refuses_strangers_and_limits_the_app_user(redis_endpoint, variables, probe_trusts_kit_ca):
     if BROKER != "redis":
         pytest.skip("Redis is not this scenario's broker")
     app = {"username": "celery", "password": variables["redis_app_password"]}
-    spec = {"kind": "redis", "address": broker_address, "port": 6379}
+    spec = {"kind": "redis", "address": redis_endpoint.address, "port": redis_endpoint.port, "tls": redis_endpoint.tls}
     probes = [
         ("redis: PING without credentials", "NOAUTH|AuthenticationError", {**spec, "command": ["PING"]}),
         (
@@ -401,6 +409,8 @@ def test_the_app_hosts_verify_the_database_certificate(host_certificates, kit_ho
 
 def test_the_workers_verify_the_mail_sinks_certificate(host_certificates, kit_hosts, broker_address):
     """The relay's stand-in (mail_sink_tls_enabled): Django sends with STARTTLS and checks the chain."""
+    if host_variable(HOSTS[0], "mail_sink_tls_enabled") is not True:
+        pytest.skip("the mail sink speaks plain SMTP here (mail_sink_tls_enabled), as in the sandbox")
     front = kit_hosts[HOSTS[1]][0]
     env = front.check_output("grep ^EMAIL_USE_TLS= /etc/sample_app/env")
     smtp = ("smtp", broker_address, "25", broker_address)
@@ -434,6 +444,8 @@ def refused_before_any_host_changes(kit_hosts, probe_address, cases):
 def test_a_wrong_certificate_or_key_stops_the_run_before_any_host_changes(
     host_certificates, kit_hosts, probe_address, variables, tmp_path
 ):
+    if host_variable(HOSTS[0], "e2e_production") is not True:
+        pytest.skip("e2e-rabbitmq checks it: switch's time goes to the switch")
     kit_ca = Path(variables["base_tls_kit_ca_dir"])
     other_key = tmp_path / "other.key"
     subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", other_key],
@@ -527,9 +539,9 @@ def listening_ports(host, own_address):
 
 
 def test_only_allow_listed_ports_answer_the_probe(
-    kit_hosts, broker_address, web_address, site, amqp_endpoint, flower, management
+    kit_hosts, broker_address, web_address, site, amqp_endpoint, redis_endpoint, flower, management
 ):
-    allowed = {(web_address, 80), (broker_address, 6379 if BROKER == "redis" else amqp_endpoint.port)}
+    allowed = {(web_address, 80), (broker_address, (redis_endpoint if BROKER == "redis" else amqp_endpoint).port)}
     if site.https:
         allowed.add((web_address, site.port))
     allowed.add((broker_address, flower.port))  # Flower, behind its password

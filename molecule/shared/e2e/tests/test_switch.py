@@ -31,7 +31,6 @@ MANAGE = "/usr/local/sbin/sample_app-manage"
 ENV_FILE = "/etc/sample_app/env"
 RESULTS = PROJECT / "artifacts" / "switch"
 QUEUES = ("celery", "email", "analytics", "priority")
-SCHEME = {"redis": "redis", "rabbitmq": "amqp"}
 BACKLOG = 300  # analytics tasks published on the old broker right before the switch
 COUNTDOWNS = (10, 30, 60, 90)  # seconds; several tasks each, held by the old broker's workers
 SIGNUP_RATE = 1  # per second, for the whole switch (each one an email and an analytics task)
@@ -103,8 +102,9 @@ playbook.runs = 0
 
 
 def broker_of(host):
-    """The scheme of the broker URL in the host's app settings (redis or amqp)."""
-    return host.check_output("sed -n 's/^CELERY_BROKER_URL=\"\\([a-z]*\\):.*/\\1/p' %s", ENV_FILE)
+    """The broker of the broker URL in the host's app settings (redis or rabbitmq), with or without TLS."""
+    scheme = host.check_output("sed -n 's/^CELERY_BROKER_URL=\"\\([a-z]*\\):.*/\\1/p' %s", ENV_FILE)
+    return {"redis": "redis", "rediss": "redis", "amqp": "rabbitmq", "amqps": "rabbitmq"}[scheme]
 
 
 def fingerprint(backend, front):
@@ -271,7 +271,7 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
     and the web move, and run again, which must finish it."""
     hosts = (backend, front)
     since = time.time() - 1
-    assert broker_of(front) == SCHEME[old]
+    assert broker_of(front) == old
     # On the old broker, just before the switch: a backlog (the default workers stopped for
     # it) and tasks scheduled by countdown, which its workers hold until they are due.
     for host in hosts:
@@ -339,7 +339,7 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
     assert recorded == len(tasks), f"{len(tasks) - recorded} events missing in the database"
     assert left == 0, f"{left} messages left on the old broker ({old})"
     for host in hosts:
-        assert broker_of(host) == SCHEME[new]
+        assert broker_of(host) == new
         assert host.run("ls /etc/systemd/system/ | grep -q 'celery-worker@drain-'").rc != 0, "drain workers left"
         assert not host.file("/etc/sample_app/celery-drain.env").exists
     old_unit = {"redis": "redis-server", "rabbitmq": "rabbitmq-server"}[old]
