@@ -63,9 +63,11 @@ def inventory_sources():
     return [str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent), *added]
 
 
-def inventory_args():
-    """ansible-playbook's arguments for the scenario's inventories, as its runs get them."""
-    return [f"--inventory={source}" for source in inventory_sources()]
+def inventory_args(molecule_inventory=None):
+    """ansible-playbook's arguments for the scenario's inventories, as its runs get them; with
+    molecule_inventory, that directory instead of Molecule's own (a test's altered copy)."""
+    sources = inventory_sources()
+    return [f"--inventory={source}" for source in [molecule_inventory or sources[0], *sources[1:]]]
 
 
 @functools.cache

@@ -7,12 +7,36 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cbk_testlib import Site, address, direct, flower_ui, inventory_host, management_ui, scenario_variables
+import yaml
+from cbk_testlib import (
+    Site,
+    address,
+    ansible_env,
+    direct,
+    flower_ui,
+    host_variable,
+    inventory_host,
+    inventory_sources,
+    management_ui,
+    scenario_variables,
+)
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BACKEND = f"cbk-{SCENARIO}-debian12"
 FRONT = f"cbk-{SCENARIO}-debian13"
 PROBE = f"cbk-{SCENARIO}-probe"
+EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
+SECRET_VARIABLES = [
+    "postgresql_app_password",
+    "redis_app_password",
+    "redis_admin_password",
+    "redis_monitor_password",
+    "rabbitmq_app_password",
+    "rabbitmq_admin_password",
+    "rabbitmq_monitoring_password",
+    "django_app_secret_key",
+    "celery_worker_flower_password",
+]
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +94,25 @@ def probe_trusts_kit_ca(site):
         subprocess.run(["docker", "cp", ca, f"{PROBE}:/usr/local/share/ca-certificates/cbk-ca.crt"], check=True)
         subprocess.run(["docker", "exec", PROBE, "update-ca-certificates"], check=True, capture_output=True)
     return site
+
+
+@pytest.fixture(scope="session")
+def secrets():
+    """{name: value} of every secret of the scenario, the generated ones included."""
+    variables = scenario_variables()
+    found = {name: str(variables[name]) for name in SECRET_VARIABLES}
+    # e2e-rabbitmq's copy of production.example: its vault's values (the Erlang cookie and
+    # the relay's password besides the scenario's).
+    if host_variable(BACKEND, "e2e_production") is True:
+        vault = Path(inventory_sources()[-1]) / "group_vars" / "all" / "vault.yml"
+        plain = subprocess.run(
+            ["ansible-vault", "view", str(vault)], env=ansible_env(), capture_output=True, text=True, check=True
+        )
+        found |= {f"vault {name}": str(value) for name, value in yaml.safe_load(plain.stdout).items()}
+    for path in (EPHEMERAL / "secrets").glob("*"):
+        if path.is_file():
+            found[f"generated {path.name}"] = path.read_text().strip()
+    # The kit CA's and the hosts' private keys: a line of each key's base64 body.
+    for path in Path(variables["base_tls_kit_ca_dir"]).glob("*.key"):
+        found[f"private key {path.name}"] = path.read_text().splitlines()[1]
+    return found

@@ -29,7 +29,6 @@ from cbk_testlib import (
     http_request,
     inventory_args,
     inventory_host,
-    inventory_sources,
     pending_security_updates,
     scenario_setting,
     scenario_variables,
@@ -42,17 +41,6 @@ HOSTS = [f"cbk-{SCENARIO}-debian12", f"cbk-{SCENARIO}-debian13"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
 REPORT = PROJECT / "artifacts" / "security" / f"e2e-{BROKER}.txt"
-SECRET_VARIABLES = [
-    "postgresql_app_password",
-    "redis_app_password",
-    "redis_admin_password",
-    "redis_monitor_password",
-    "rabbitmq_app_password",
-    "rabbitmq_admin_password",
-    "rabbitmq_monitoring_password",
-    "django_app_secret_key",
-    "celery_worker_flower_password",
-]
 # Where services keep configuration, releases, state and runtime files.
 SEARCHED_DIRS = "/etc /opt /srv /var /home /root /usr/local /run /tmp"
 REFUSED = r"refused|timeout"  # a closed port: RST, or dropped by the firewall
@@ -110,26 +98,6 @@ def kit_hosts():
 @pytest.fixture(scope="module")
 def variables():
     return scenario_variables()
-
-
-@pytest.fixture(scope="module")
-def secrets(variables):
-    """{name: value} of every secret of the scenario, the generated ones included."""
-    found = {name: str(variables[name]) for name in SECRET_VARIABLES}
-    # e2e-rabbitmq's copy of production.example: its vault's values (the Erlang cookie and
-    # the relay's password besides the scenario's).
-    for source in inventory_sources()[1:]:
-        vault = Path(source) / "group_vars" / "all" / "vault.yml"
-        if vault.exists():
-            plain = subprocess.run(["ansible-vault", "view", str(vault)], env=ansible_env(), capture_output=True, text=True, check=True)
-            found |= {f"vault {name}": str(value) for name, value in yaml.safe_load(plain.stdout).items()}
-    for path in (EPHEMERAL / "secrets").glob("*"):
-        if path.is_file():
-            found[f"generated {path.name}"] = path.read_text().strip()
-    # The kit CA's and the hosts' private keys: a line of each key's base64 body.
-    for path in Path(variables["base_tls_kit_ca_dir"]).glob("*.key"):
-        found[f"private key {path.name}"] = path.read_text().splitlines()[1]
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +282,7 @@ def test_operator_uis_and_amqp_over_tls_only(request, ui, probe_trusts_kit_ca, b
     if ui != "flower" and BROKER != "rabbitmq":
         pytest.skip("RabbitMQ is not this scenario's broker")
     if not probe_trusts_kit_ca.https:
-        pytest.skip("this scenario serves the stack in plain text, as the sandbox")
+        pytest.skip("this scenario serves plain HTTP, as the sandbox")
     # Where the site is HTTPS (production mode), no operator UI or broker link may stay plain.
     served = request.getfixturevalue("amqp_endpoint" if ui == "amqps" else ui)
     assert served.https, f"{ui} is plain text beside an HTTPS site: its role's TLS switch is off"
@@ -389,15 +357,7 @@ def test_postgresql_refuses_an_outside_host(broker_address, variables):
 STARTTLS = "openssl s_client -starttls %s -connect %s:%s -verify_ip %s -verify_return_error -CAfile %s"
 
 
-@pytest.fixture(scope="module")
-def host_certificates():
-    """The checks of the hosts' certificates run where the scenario gives them some
-    (e2e-rabbitmq); switch has none (base_tls_certificates), as the sandbox."""
-    if host_variable(HOSTS[0], "base_tls_certificates") == "none":
-        pytest.skip("the hosts have no certificates here (base_tls_certificates), as in the sandbox")
-
-
-def test_the_app_hosts_verify_the_database_certificate(host_certificates, kit_hosts, broker_address):
+def test_the_app_hosts_verify_the_database_certificate(kit_hosts, broker_address):
     front = kit_hosts[HOSTS[1]][0]
     env = front.check_output("grep ^DATABASE_URL= /etc/sample_app/env")
     verified = front.run(STARTTLS + " </dev/null", "postgres", broker_address, "5432", broker_address, SYSTEM_CA_BUNDLE)
@@ -407,7 +367,7 @@ def test_the_app_hosts_verify_the_database_certificate(host_certificates, kit_ho
     assert got == (True, 0, True), (verified.stdout[-500:], other.stdout[-500:])
 
 
-def test_the_workers_verify_the_mail_sinks_certificate(host_certificates, kit_hosts, broker_address):
+def test_the_workers_verify_the_mail_sinks_certificate(kit_hosts, broker_address):
     """The relay's stand-in (mail_sink_tls_enabled): Django sends with STARTTLS and checks the chain."""
     if host_variable(HOSTS[0], "mail_sink_tls_enabled") is not True:
         pytest.skip("the mail sink speaks plain SMTP here (mail_sink_tls_enabled), as in the sandbox")
@@ -442,7 +402,7 @@ def refused_before_any_host_changes(kit_hosts, probe_address, cases):
 
 
 def test_a_wrong_certificate_or_key_stops_the_run_before_any_host_changes(
-    host_certificates, kit_hosts, probe_address, variables, tmp_path
+    kit_hosts, probe_address, variables, tmp_path
 ):
     if host_variable(HOSTS[0], "e2e_production") is not True:
         pytest.skip("e2e-rabbitmq checks it: switch's time goes to the switch")
@@ -464,8 +424,6 @@ def ssh_logins():
     hosts as production.example does; switch through docker, as the sandbox."""
     if host_variable(HOSTS[0], "e2e_production") is not True:
         pytest.skip("the hosts are reached through docker here, as in the sandbox")
-    import yaml
-
     return yaml.safe_load((Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent / "ssh.yml").read_text())["all"]["hosts"]
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cbk_testlib import SignupLoad, ansible_env, mail_tally, redis_admin, settle_mail
+from cbk_testlib import SignupLoad, ansible_env, host_variable, inventory_args, mail_tally, redis_admin, settle_mail
+from conftest import BACKEND
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 pytestmark = pytest.mark.skipif(SCENARIO != "switch", reason="the switch runs in molecule/switch only")
@@ -59,7 +60,7 @@ def playbook(name, probe_address, *args, inventory=INVENTORY, interrupt_when=Non
     processes end with it), and run again to the end."""
     # The log shows where a switch spends its time.
     env = ansible_env(ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_tasks")
-    command = ["ansible-playbook", "-i", str(inventory), "-e", f"e2e_probe_address={probe_address}", *args]
+    command = ["ansible-playbook", *inventory_args(inventory), "-e", f"e2e_probe_address={probe_address}", *args]
     command.append(str(PROJECT / "playbooks" / name))
     started = time.monotonic()
     output = ""
@@ -102,9 +103,13 @@ playbook.runs = 0
 
 
 def broker_of(host):
-    """The broker of the broker URL in the host's app settings (redis or rabbitmq), with or without TLS."""
+    """The broker of the broker URL in the host's app settings (redis or rabbitmq), checked to
+    use TLS exactly where the scenario gives that broker TLS (redis_tls_enabled, rabbitmq_tls_enabled)."""
     scheme = host.check_output("sed -n 's/^CELERY_BROKER_URL=\"\\([a-z]*\\):.*/\\1/p' %s", ENV_FILE)
-    return {"redis": "redis", "rediss": "redis", "amqp": "rabbitmq", "amqps": "rabbitmq"}[scheme]
+    broker = {"redis": "redis", "rediss": "redis", "amqp": "rabbitmq", "amqps": "rabbitmq"}[scheme]
+    tls = host_variable(BACKEND, f"{broker}_tls_enabled") is True
+    assert scheme.endswith("s") == tls, f"{ENV_FILE}: {scheme}:// with {broker}_tls_enabled {tls}"
+    return broker
 
 
 def fingerprint(backend, front):
