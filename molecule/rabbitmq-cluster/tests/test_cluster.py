@@ -161,25 +161,120 @@ def test_clients_reach_every_node_over_amqps_only_by_the_clusters_name():
     variables = scenario_variables()
     context = ssl.create_default_context(cafile=f"{variables['base_tls_kit_ca_dir']}/ca.crt")
     for node, ip in NODES.items():
-        with socket.create_connection((ip, scenario_setting("rabbitmq", "rabbitmq_amqps_port")), timeout=5) as sock:
-            with context.wrap_socket(sock, server_hostname=variables["rabbitmq_tls_cluster_name"]) as tls:
-                assert tls.version() in ("TLSv1.2", "TLSv1.3"), node
+        with (
+            socket.create_connection((ip, scenario_setting("rabbitmq", "rabbitmq_amqps_port")), timeout=5) as sock,
+            context.wrap_socket(sock, server_hostname=variables["rabbitmq_tls_cluster_name"]) as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3"), node
         with pytest.raises(OSError):
             socket.create_connection((ip, scenario_setting("rabbitmq", "rabbitmq_amqp_port")), timeout=3).close()
 
 
+def ansible_playbook(playbook, *args):
+    """A playbook run against the scenario's nodes, with more ansible-playbook arguments: (return code,
+    output, the same with its whitespace folded to single spaces, {host: (changed, failed)} of the recap).
+    Without colours, which Molecule turns on (ANSIBLE_FORCE_COLOR), so the recap's lines can be read."""
+    result = subprocess.run(
+        ["ansible-playbook", "-i", str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent), *args, str(playbook)],
+        env=ansible_env(ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, check=False,
+    )
+    recap_line = r"^(\S+)\s+: ok=\d+\s+changed=(\d+)\s+unreachable=\d+\s+failed=(\d+)"
+    recap = re.findall(recap_line, result.stdout, re.MULTILINE)
+    return (result.returncode, result.stdout, " ".join(result.stdout.split()),
+            {name: (int(changed), int(failed)) for name, changed, failed in recap})
+
+
+def converge(*args):
+    """The scenario's converge, the rabbitmq scenario's playbook: base role, then rabbitmq role."""
+    return ansible_playbook(Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]).parent / "rabbitmq" / "converge.yml", *args)
+
+
 def test_changing_the_distribution_kind_of_the_running_cluster_is_refused():
     """Before any change: a node restarted with plain distribution could not rejoin its TLS peers."""
-    converge = Path(os.environ["MOLECULE_SCENARIO_DIRECTORY"]).parent / "rabbitmq" / "converge.yml"
-    result = subprocess.run(
-        ["ansible-playbook", "-i", str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent),
-         "-e", "rabbitmq_erlang_dist_tls=false", str(converge)],
-        env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-    )
-    output = " ".join(result.stdout.split())
-    assert result.returncode != 0 and "rabbitmq_erlang_dist_tls is false, but the running node" in output, output[-3000:]
+    returncode, _, output, _ = converge("-e", "rabbitmq_erlang_dist_tls=false")
+    assert returncode != 0 and "rabbitmq_erlang_dist_tls is false, but the running node" in output, output[-3000:]
     for node in NODES:
-        subprocess.run(["docker", "exec", container(node), "grep", "-q", "inet_tls", "/etc/rabbitmq/rabbitmq-env.conf"], check=True)
+        subprocess.run(
+            ["docker", "exec", container(node), "grep", "-q", "inet_tls", "/etc/rabbitmq/rabbitmq-env.conf"], check=True
+        )
+
+
+def throwaway_pki(directory, *dns_names):
+    """A new CA in directory and a node certificate it signs for dns_names: {cert, key, ca} paths."""
+    directory.mkdir()
+    new_key = ["openssl", "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-noenc", "-days", "2"]
+    files = {"cert": directory / "node.crt", "key": directory / "node.key", "ca": directory / "ca.crt"}
+    for command in (
+        [*new_key, "-x509", "-subj", "/CN=throwaway test CA", "-keyout", directory / "ca.key", "-out", files["ca"]],
+        [*new_key, "-CA", files["ca"], "-CAkey", directory / "ca.key", "-subj", "/CN=node", "-keyout", files["key"],
+         "-addext", "subjectAltName=" + ",".join(f"DNS:{name}" for name in dns_names), "-out", files["cert"]],
+    ):
+        subprocess.run(command, check=True, capture_output=True)
+    return files
+
+
+# What a refused run must leave as it was on every node: the broker's TLS files and settings,
+# the host's certificate from the base role, and the broker process.
+NODE_STATE = (
+    "sha256sum $(find /etc/rabbitmq /etc/ssl/certs/cbk-host.pem /etc/ssl/private/cbk-host.key -type f | sort)"
+    " && systemctl show -p MainPID -p ActiveEnterTimestamp rabbitmq-server"
+)
+
+
+def node_states():
+    return {
+        node: subprocess.run(
+            ["docker", "exec", container(node), "sh", "-c", NODE_STATE], check=True, capture_output=True, text=True
+        ).stdout
+        for node in NODES
+    }
+
+
+def test_another_pkis_certificate_without_the_clusters_tls_name_is_refused_before_any_change(tmp_path):
+    """The role's own certificate (rabbitmq_tls_cert) or the base role's files (base_tls_cert_file),
+    issued by another CA than the kit's for other names than rabbitmq_tls_cluster_name: the broker
+    role reads it on the controller and stops before changing a node, naming both variables. The
+    base role is skipped, as in the rotation test: it would install base_tls_cert_file first."""
+    name = scenario_variables()["rabbitmq_tls_cluster_name"]
+    wrong = throwaway_pki(tmp_path / "wrong", "node.cbk.test", "rabbitmq-cluster.cbk.example")
+    cases = {
+        "rabbitmq_tls_cert": {"rabbitmq_tls_cert": wrong["cert"], "rabbitmq_tls_key": wrong["key"],
+                              "rabbitmq_tls_ca": wrong["ca"]},
+        "base_tls_cert_file": {"base_tls_certificates": "files", "base_tls_cert_file": wrong["cert"],
+                               "base_tls_key_file": wrong["key"], "base_tls_ca_file": wrong["ca"]},
+    }
+    before = node_states()
+    for variable, extra_vars in cases.items():
+        returncode, _, output, recap = converge("--skip-tags", "cbk-base", "-e", json.dumps(extra_vars, default=str))
+        assert returncode != 0, output[-3000:]
+        assert f"rabbitmq_tls_cluster_name is {name}, but the certificate" in output, output[-3000:]
+        assert f"{variable} ({wrong['cert']}), does not carry it" in output, output[-3000:]
+        assert "(node.cbk.test, rabbitmq-cluster.cbk.example)" in output, output[-3000:]
+        # Every node refused, in the validate step: nothing reported changed.
+        assert recap == {container(node): (0, 1) for node in NODES}, output[-3000:]
+    assert node_states() == before, "a refused run changed a node"
+
+
+def test_a_wildcard_certificate_for_the_clusters_tls_name_passes_the_check(tmp_path):
+    """The check matches as the app's TLS client does: a wildcard for the name's domain, in another
+    case, in a file with the chain after the certificate. The validate step alone: nothing changes."""
+    domain = scenario_variables()["rabbitmq_tls_cluster_name"].split(".", 1)[1]
+    given = throwaway_pki(tmp_path / "wildcard", "node.cbk.test", f"*.{domain.upper()}")
+    chain = tmp_path / "chain.crt"
+    chain.write_text(given["cert"].read_text() + given["ca"].read_text())
+    playbook = tmp_path / "validate.yml"
+    playbook.write_text(json.dumps([{
+        "name": "The rabbitmq role's checks alone",
+        "hosts": "rabbitmq",
+        "tasks": [{"ansible.builtin.include_role": {"name": "rabbitmq", "tasks_from": "validate"}}],
+    }]))
+    extra_vars = {"rabbitmq_tls_cert": chain, "rabbitmq_tls_key": given["key"], "rabbitmq_tls_ca": given["ca"]}
+    returncode, output, _, recap = ansible_playbook(playbook, "-e", json.dumps(extra_vars, default=str))
+    assert returncode == 0 and recap == {container(node): (0, 0) for node in NODES}, output[-3000:]
+    # The check ran, and passed, on every node.
+    check = output.split("Check that the AMQPS certificate carries the cluster's TLS name", 1)[1].split("TASK [", 1)[0]
+    assert sorted(re.findall(r"^ok: \[(\S+)\]", check, re.MULTILINE)) == sorted(map(container, NODES)), check
 
 
 def test_app_queues_policy_dead_letters_after_the_delivery_limit():
