@@ -125,6 +125,30 @@ def ansible_env(**extra):
     }
 
 
+def ansible_playbook(playbook, *args):
+    """A playbook run against the scenario's hosts, through all its inventories, with more
+    ansible-playbook arguments: (return code, output, the same with its whitespace folded to
+    single spaces, {host: (changed, failed)} of the recap). Without colours, which Molecule turns
+    on (ANSIBLE_FORCE_COLOR), so the recap's lines can be read."""
+    result = subprocess.run(
+        ["ansible-playbook", *inventory_args(), *args, str(playbook)],
+        env=ansible_env(ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    recap_line = r"^(\S+)\s+: ok=\d+\s+changed=(\d+)\s+unreachable=\d+\s+failed=(\d+)"
+    recap = re.findall(recap_line, result.stdout, re.MULTILINE)
+    return (
+        result.returncode,
+        result.stdout,
+        " ".join(result.stdout.split()),
+        {name: (int(changed), int(failed)) for name, changed, failed in recap},
+    )
+
+
 def redis_admin(host, *command):
     """A redis-cli command as the Redis role's admin user (password through the environment),
     over the role's local socket, which serves with and without TLS."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from cbk_testlib import (
     OTHER_CA_ONLY,
-    ansible_env,
+    ansible_playbook,
     platform_addresses,
     role_defaults,
     scenario_setting,
@@ -168,21 +168,6 @@ def test_clients_reach_every_node_over_amqps_only_by_the_clusters_name():
             assert tls.version() in ("TLSv1.2", "TLSv1.3"), node
         with pytest.raises(OSError):
             socket.create_connection((ip, scenario_setting("rabbitmq", "rabbitmq_amqp_port")), timeout=3).close()
-
-
-def ansible_playbook(playbook, *args):
-    """A playbook run against the scenario's nodes, with more ansible-playbook arguments: (return code,
-    output, the same with its whitespace folded to single spaces, {host: (changed, failed)} of the recap).
-    Without colours, which Molecule turns on (ANSIBLE_FORCE_COLOR), so the recap's lines can be read."""
-    result = subprocess.run(
-        ["ansible-playbook", "-i", str(Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent), *args, str(playbook)],
-        env=ansible_env(ANSIBLE_FORCE_COLOR="0", ANSIBLE_NOCOLOR="1"),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, check=False,
-    )
-    recap_line = r"^(\S+)\s+: ok=\d+\s+changed=(\d+)\s+unreachable=\d+\s+failed=(\d+)"
-    recap = re.findall(recap_line, result.stdout, re.MULTILINE)
-    return (result.returncode, result.stdout, " ".join(result.stdout.split()),
-            {name: (int(changed), int(failed)) for name, changed, failed in recap})
 
 
 def converge(*args):

@@ -6,16 +6,12 @@ first test here to the end of the session, the brokers hold the new password.
 
 import json
 import os
-import re
-import shutil
-import subprocess
-import sys
 import tempfile
 import uuid
 
 import pytest
 import testinfra
-from cbk_testlib import address, other_hosts
+from cbk_testlib import address, ansible_playbook, other_hosts
 from test_rabbitmq import Broker
 from testinfra.utils.ansible_runner import AnsibleRunner
 
@@ -44,14 +40,11 @@ def rotation():
         with tempfile.NamedTemporaryFile("w", suffix=".json") as extra_vars:
             json.dump({"rabbitmq_app_password": password}, extra_vars)
             extra_vars.flush()
-            run = subprocess.run(
-                [shutil.which("ansible-playbook") or os.path.join(os.path.dirname(sys.executable), "ansible-playbook"),
-                 "-i", inventory, playbook, "--skip-tags", "cbk-base", "-e", f"@{extra_vars.name}"],
-                capture_output=True, text=True, check=False,
-                env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"},
+            returncode, stdout, _, recap = ansible_playbook(
+                playbook, "--skip-tags", "cbk-base", "-e", f"@{extra_vars.name}"
             )
-        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-        return {name: int(changed) for name, changed in re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", run.stdout, re.M)}
+        assert returncode == 0, stdout[-6000:]
+        return {name: changed for name, (changed, _) in recap.items()}
 
     yield {"old": old, "new": new, "changed": converge(new), "names": names}
     # Put the inventory's password back directly (a full converge would only

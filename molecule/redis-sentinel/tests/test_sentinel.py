@@ -9,7 +9,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 
@@ -17,7 +16,7 @@ import pytest
 import testinfra
 from cbk_testlib import (
     OTHER_CA_ONLY,
-    ansible_env,
+    ansible_playbook,
     packet_capture,
     platform_addresses,
     role_defaults,
@@ -258,13 +257,10 @@ def test_a_tls_change_of_the_running_group_is_refused_before_any_change():
     """The Sentinels' state files hold their peers' ports: the role stops, naming the steps."""
     playbook = os.path.join(os.path.dirname(__file__), os.pardir, "converge.yml")
     before = {name: node(name).check_output("sha256sum /etc/redis/redis.conf") for name in NODES}
-    run = subprocess.run(
-        ["ansible-playbook", "--check", "-i", os.environ["MOLECULE_INVENTORY_FILE"], playbook,
-         "--skip-tags", "cbk-base", "-e", json.dumps({"redis_tls_enabled": not TLS})],
-        env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, check=False,
+    returncode, _, output, _ = ansible_playbook(
+        playbook, "--check", "--skip-tags", "cbk-base", "-e", json.dumps({"redis_tls_enabled": not TLS})
     )
-    output = " ".join(run.stdout.split())
-    assert run.returncode != 0 and "so a running group cannot change them in place" in output, output[-3000:]
+    assert returncode != 0 and "so a running group cannot change them in place" in output, output[-3000:]
     assert "set redis_sentinel_initial_primary to the host at " + NODES["cbk-redis-sentinel-n1"] in output
     assert {name: node(name).check_output("sha256sum /etc/redis/redis.conf") for name in NODES} == before
 
@@ -328,18 +324,10 @@ def test_old_primary_returns_as_a_replica_of_the_new_one(failover):
 
 def test_converge_after_the_failover_keeps_the_new_primary_and_restarts_nothing(failover):
     new = failover["primary"]
-    inventory = os.environ["MOLECULE_INVENTORY_FILE"]
     playbook = os.path.join(os.path.dirname(__file__), os.pardir, "converge.yml")
-    ansible_playbook = os.path.join(os.path.dirname(sys.executable), "ansible-playbook")
-    run = subprocess.run(
-        [ansible_playbook, "-i", inventory, playbook, "--skip-tags", "cbk-base"],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "ANSIBLE_FORCE_COLOR": "0", "ANSIBLE_NOCOLOR": "1"},
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    changed = {name: int(n) for name, n in re.findall(r"^(\S+)\s+: ok=\d+\s+changed=(\d+)", run.stdout, re.M)}
+    returncode, stdout, _, recap = ansible_playbook(playbook, "--skip-tags", "cbk-base")
+    assert returncode == 0, stdout[-6000:]
+    changed = {name: changed for name, (changed, _) in recap.items()}
     print(f"changed per host: {changed}")
     assert info(new)["role"] == "master"
     assert all(primary_by_sentinel(name, "127.0.0.1") == [NODES[new]] for name in NODES)

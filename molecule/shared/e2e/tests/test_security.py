@@ -12,7 +12,6 @@ import re
 import subprocess
 import uuid
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import pytest
@@ -22,12 +21,11 @@ from cbk_testlib import (
     OTHER_CA_ONLY,
     SYSTEM_CA_BUNDLE,
     address,
-    ansible_env,
+    ansible_playbook,
     direct,
     e2e_broker,
     host_variable,
     http_request,
-    inventory_args,
     inventory_host,
     pending_security_updates,
     scenario_setting,
@@ -388,16 +386,13 @@ def refused_before_any_host_changes(kit_hosts, probe_address, cases):
              " $(ls /etc/ssh/sshd_config.d/*.conf 2>/dev/null)")
     before = {name: host.check_output(state) for name, (host, _) in kit_hosts.items()}
     for variable, extra_vars, message in cases:
-        result = subprocess.run(
-            ["ansible-playbook", *inventory_args(), "--tags", "base",
-             "-e", f"e2e_probe_address={probe_address}", "-e", json.dumps(extra_vars, default=str),
-             str(Path(__file__).parent.parent / "converge.yml")],
-            env=ansible_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        returncode, stdout, output, _ = ansible_playbook(
+            Path(__file__).parent.parent / "converge.yml", "--tags", "base",
+            "-e", f"e2e_probe_address={probe_address}", "-e", json.dumps(extra_vars, default=str),
         )
-        output = " ".join(result.stdout.split())
-        refused = result.returncode != 0 and variable in output and message in output
+        refused = returncode != 0 and variable in output and message in output
         report_line(f"bad input: {variable} wrong", "refused, naming it", "refused" if refused else "NOT refused", refused)
-        assert refused, result.stdout[-3000:]
+        assert refused, stdout[-3000:]
     assert {name: host.check_output(state) for name, (host, _) in kit_hosts.items()} == before, "a refused run changed a host"
 
 
