@@ -9,7 +9,8 @@ BENCH_VENV := .cache/bench-venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help toolchain host apt-cache sandbox deploy destroy lint role-docs molecule app-test test test-ha bench-deploy bench audit matrix
+.PHONY: help toolchain host apt-cache sandbox deploy destroy lint ci-templates role-docs molecule app-test test test-ha \
+  bench-deploy bench audit matrix
 
 help:
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -42,10 +43,16 @@ deploy: sandbox ## deploy the whole stack on the sandbox and say where it is
 destroy: toolchain ## remove the sandbox hosts and network (images and caches stay)
 	ansible-playbook playbooks/sandbox/destroy.yml
 
-lint: toolchain ## yamllint, ansible-lint (production profile), role READMEs' variables tables up to date
+lint: toolchain ci-templates ## yamllint, ansible-lint (production profile), role READMEs' variables tables up to date, ci-templates
 	yamllint --strict .
 	ansible-lint --profile production
 	python scripts/role_docs.py --check
+
+# The schemas ship inside check-jsonschema: validating needs no network.
+ci-templates: toolchain ## ci-templates/ valid against GitHub's and GitLab's schemas, GitLab's scenario list complete
+	check-jsonschema --builtin-schema vendor.github-workflows ci-templates/github-actions.yml
+	check-jsonschema --builtin-schema vendor.gitlab-ci ci-templates/gitlab-ci.yml
+	python scripts/ci_scenarios.py
 
 role-docs: toolchain ## write each role README's variables table from its meta/argument_specs.yml
 	python scripts/role_docs.py
