@@ -88,6 +88,13 @@ class HALoad:
         with sqlite3.connect(self.db, timeout=60) as db:
             return dict(db.execute("SELECT task, count(*) FROM runs GROUP BY task").fetchall())
 
+    def unrecorded(self):
+        """Task ids a worker popped from Redis but could not record as unacked (ha_load)."""
+        if not self.db.exists():
+            return []
+        with sqlite3.connect(self.db, timeout=60) as db:
+            return [task for (task,) in db.execute("SELECT task FROM unrecorded")]
+
     def wait_for_runs(self, task_ids, timeout):
         """Wait until every task in ``task_ids`` ran; return {task id: executions} of all runs."""
         deadline = time.monotonic() + timeout
