@@ -1,4 +1,6 @@
-"""Helpers shared by the testinfra suites of every Molecule scenario."""
+"""Helpers shared by the testinfra suites of every Molecule scenario, and their common fixtures:
+a pytest plugin (`-p cbk_testlib`, .config/molecule/config.yml), so a suite uses `peer` without
+defining it."""
 
 import base64
 import contextlib
@@ -11,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import testinfra
 
 PROBE = (
@@ -106,8 +109,25 @@ def host_variable(host_name, name):
 
 
 def scenario_setting(role, name):
-    """A role variable as the scenario sets it in its group_vars, else the role's default."""
-    return scenario_variables().get(name, role_defaults(role)[name])
+    """A role variable as a host of the scenario sees it: the role's vars/main.yml, else the
+    scenario's group_vars, else the role's default (Ansible's order), its simple templates
+    ("{{ mail_sink_home }}/Maildir") filled in the same way."""
+    import jinja2
+    import jinja2.meta
+
+    role_vars = role_defaults(role, "vars") or {}
+    value = role_vars[name] if name in role_vars else scenario_variables().get(name, role_defaults(role)[name])
+    if not (isinstance(value, str) and "{{" in value):
+        return value
+    template = jinja2.Environment(undefined=jinja2.StrictUndefined)
+    names = jinja2.meta.find_undeclared_variables(template.parse(value))
+    return template.from_string(value).render({other: scenario_setting(role_of(other, role), other) for other in names})
+
+
+def role_of(name, default):
+    """The role a variable belongs to by its prefix (django_app_name: django_app), else default."""
+    roles = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "roles"
+    return next((role.name for role in roles.iterdir() if name.startswith(f"{role.name}_")), default)
 
 
 def ansible_env(**extra):
@@ -170,6 +190,28 @@ def other_hosts(host):
     own = host.backend.get_hostname()
     names = host.backend.ansible_runner.get_hosts("all")
     return [inventory_host(name) for name in names if name != own]
+
+
+@pytest.fixture(scope="module")
+def peer(host):
+    """The scenario's other instance, in the two-instance scenarios."""
+    (other,) = other_hosts(host)
+    return other
+
+
+def wait_until(condition, seconds, what, pause=1, tolerate=(subprocess.CalledProcessError,)):
+    """condition()'s first true result within seconds, polled every pause; fails naming what did
+    not happen. An exception in tolerate (a node still booting or electing) counts as false."""
+    deadline = time.monotonic() + seconds
+    error = ""
+    while True:
+        try:
+            if result := condition():
+                return result
+        except tolerate as exc:
+            error = f" (last error: {getattr(exc, 'stderr', None) or exc})"
+        assert time.monotonic() < deadline, f"not within {seconds} s: {what}{error}"
+        time.sleep(pause)
 
 
 def address(host):
@@ -424,7 +466,9 @@ def amqp_login(client, url, ssl=None):
 
 # --- Signup load and the welcome emails it must produce (full-stack scenarios) ----------
 
-MAILDIR = "/home/sink/Maildir"
+# Where the mail sink delivers every message, and the app's management command (as the app user).
+MAILDIR = scenario_setting("mail_sink", "mail_sink__maildir")
+MANAGE = scenario_setting("django_app", "django_app__manage")
 
 class Site:
     """Where a full-stack scenario's app answers: HTTPS at nginx or plain HTTP

@@ -4,7 +4,7 @@ hardened sshd, persistent size-limited journal, time sync enabled."""
 import re
 
 import pytest
-from cbk_testlib import address, listen, other_hosts, pending_security_updates, role_defaults, scenario_variables, tcp_probe
+from cbk_testlib import address, listen, pending_security_updates, role_defaults, scenario_variables, tcp_probe
 
 ROLE_VARS = role_defaults("base", "vars")
 ROLE_DEFAULTS = role_defaults("base")
@@ -13,12 +13,6 @@ ROLE_DEFAULTS = role_defaults("base")
 # roles use; 8083 is on no list.
 ALLOWED = (8081, 8082)
 NOT_ALLOWED = 8083
-
-
-@pytest.fixture(scope="module")
-def peer(host):
-    (other,) = other_hosts(host)
-    return other
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,18 @@ import uuid
 
 import pytest
 import testinfra
-from cbk_testlib import address, http_get, other_hosts, systemd_seconds, tcp_probe, wait_for_maildir_message
+from cbk_testlib import (
+    MAILDIR,
+    MANAGE,
+    address,
+    http_get,
+    scenario_setting,
+    systemd_seconds,
+    tcp_probe,
+    wait_for_maildir_message,
+)
 
-CLI = "/usr/local/sbin/sample_app-celery"
-MANAGE = "/usr/local/sbin/sample_app-manage"
-MAILDIR = "/home/sink/Maildir"
+CLI = scenario_setting("celery_worker", "celery_worker__cli")
 FLOWER_USER, FLOWER_PASSWORD = "admin", "test-flower-Zu6tP4nQa2xL7kWs"
 EXPECTED = {
     "email": {"queues": ["email"], "pool": "threads", "concurrency": 16, "prefetch_multiplier": 4},
@@ -36,12 +43,6 @@ def nodename(host):
 def is_main(host, hostvars):
     """The first host of group workers runs beat and Flower (the role's defaults)."""
     return hostvars["inventory_hostname"] == hostvars["groups"]["workers"][0]
-
-
-@pytest.fixture(scope="module")
-def peer(host):
-    (other,) = other_hosts(host)
-    return other
 
 
 def inspect(host, command, nodename):

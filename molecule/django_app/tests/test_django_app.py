@@ -11,7 +11,7 @@ from urllib.parse import urlencode
 
 import pytest
 import testinfra
-from cbk_testlib import address, http_request, other_hosts, scenario_setting, tcp_probe
+from cbk_testlib import address, http_request, scenario_setting, tcp_probe
 
 APP = "sample_app"
 ROOT = f"/srv/{APP}"
@@ -21,12 +21,6 @@ SOCKET = f"/run/{APP}/gunicorn.sock"
 SERVICE = f"{APP}.service"
 SIDE_EFFECT_RECORD = "/var/tmp/django_app_side_effect.json"
 KEEP_RELEASES = 2  # molecule.yml
-
-
-@pytest.fixture(scope="module")
-def peer(host):
-    (other,) = other_hosts(host)
-    return other
 
 
 @pytest.fixture(scope="module")

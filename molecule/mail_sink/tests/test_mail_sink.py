@@ -8,15 +8,7 @@ import uuid
 
 import pytest
 import testinfra
-from cbk_testlib import address, other_hosts, smtp_send, tcp_probe, wait_for_maildir_message
-
-MAILDIR = "/home/sink/Maildir"
-
-
-@pytest.fixture(scope="module")
-def peer(host):
-    (other,) = other_hosts(host)
-    return other
+from cbk_testlib import MAILDIR, address, scenario_setting, smtp_send, tcp_probe, wait_for_maildir_message
 
 
 @pytest.fixture(scope="module")
@@ -76,5 +68,5 @@ def test_port_25_is_dropped_for_hosts_outside_the_allow_list(host, sink_ip):
 
 
 def test_mailbox_is_private(host):
-    assert host.file("/home/sink").mode == 0o750
-    assert host.file(MAILDIR).user == "sink"
+    assert host.file(scenario_setting("mail_sink", "mail_sink_home")).mode == 0o750
+    assert host.file(MAILDIR).user == scenario_setting("mail_sink", "mail_sink_user")

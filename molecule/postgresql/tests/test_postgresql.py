@@ -11,7 +11,7 @@ the idempotence step proves an unchanged password reports no change."""
 
 import pytest
 import testinfra
-from cbk_testlib import OTHER_CA_ONLY, SYSTEM_CA_BUNDLE, address, other_hosts, tcp_probe
+from cbk_testlib import OTHER_CA_ONLY, SYSTEM_CA_BUNDLE, address, tcp_probe
 
 # Debian release -> PostgreSQL major the role must have found.
 EXPECTED_MAJOR = {"12": "15", "13": "17"}
@@ -27,12 +27,6 @@ def settings(host):
         "user": inventory.get("postgresql_app_user", "app"),
         "password": inventory["postgresql_app_password"],
     }
-
-
-@pytest.fixture(scope="module")
-def peer(host):
-    (other,) = other_hosts(host)
-    return other
 
 
 @pytest.fixture(scope="module")

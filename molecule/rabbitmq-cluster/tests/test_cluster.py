@@ -23,6 +23,7 @@ from cbk_testlib import (
     scenario_setting,
     scenario_variables,
     tcp_probe,
+    wait_until,
 )
 from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
@@ -90,20 +91,6 @@ def raft_leader(node, queue):
         text=True,
     ).stdout
     return next((r["Node Name"] for r in json.loads(replicas) if r["Raft State"] == "leader"), None)
-
-
-def wait_until(condition, timeout, what):
-    """condition()'s first true result; a node that does not answer yet (booting, electing) counts as false."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if result := condition():
-                return result
-            error = ""
-        except subprocess.CalledProcessError as exc:
-            error = f" (last error: {exc.stderr or exc})"
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}{error}"
-        time.sleep(2)
 
 
 def test_every_node_runs_in_one_cluster(host):

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 import testinfra
-from cbk_testlib import address, amqp_login, other_hosts, run_python, tcp_probe
+from cbk_testlib import address, amqp_login, run_python, tcp_probe
 
 AMQP_PORT = 5672
 AMQPS_PORT = 5671
@@ -162,12 +162,6 @@ class Broker:
         if body is not None:
             request["body"] = body
         return run_python(client, HTTP, request)
-
-
-@pytest.fixture(scope="module")
-def peer(host):
-    (other,) = other_hosts(host)
-    return other
 
 
 @pytest.fixture(scope="module")

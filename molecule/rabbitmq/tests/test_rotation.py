@@ -11,15 +11,9 @@ import uuid
 
 import pytest
 import testinfra
-from cbk_testlib import address, ansible_playbook, other_hosts
+from cbk_testlib import address, ansible_playbook
 from test_rabbitmq import Broker
 from testinfra.utils.ansible_runner import AnsibleRunner
-
-
-@pytest.fixture(scope="module")
-def peer(host):
-    (other,) = other_hosts(host)
-    return other
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from cbk_testlib import (
     role_defaults,
     scenario_setting,
     scenario_variables,
+    wait_until,
 )
 from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
@@ -92,16 +93,6 @@ def info(name, section="replication"):
 def primary_by_sentinel(client, ip):
     """What the Sentinel at ip says the primary is (the client user's view)."""
     return cli(client, ip, SENTINEL_PORT, f"SENTINEL GET-MASTER-ADDR-BY-NAME {MASTER}", user="celery-sentinel")[:1]
-
-
-def wait_for(condition, seconds, pause=1):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(pause)
-    return condition()
 
 
 def main_pid(name):
@@ -284,13 +275,13 @@ def test_failover_elects_a_new_primary_that_has_the_data(failover):
         answers = {tuple(primary_by_sentinel(name, "127.0.0.1")) for name in survivors}
         return len(answers) == 1 and answers != {(NODES[old],)} and next(iter(answers))
 
-    answer = wait_for(elected, ELECTION_BOUND + 30)
+    answer = wait_until(elected, ELECTION_BOUND + 30, "both surviving Sentinels name one new primary")
     seconds = time.monotonic() - started
     print(f"new primary {answer} named by both surviving Sentinels {seconds:.1f} s after docker stop")
-    assert answer and seconds <= ELECTION_BOUND, answer
+    assert seconds <= ELECTION_BOUND, answer
     new = next(name for name, ip in NODES.items() if ip == answer[0])
     failover.update(old=old, primary=new)
-    assert wait_for(lambda: info(new)["role"] == "master", 10)
+    wait_until(lambda: info(new)["role"] == "master", 10, f"{new} a primary")
     values = cli(new, "127.0.0.1", REDIS_PORT, *[f"GET {k}" for k in keys], user="celery")
     assert values == list(keys.values())
     # With one replica left (min-replicas-to-write 1) the new primary takes writes.
@@ -315,8 +306,12 @@ def test_old_primary_returns_as_a_replica_of_the_new_one(failover):
             and state.get("master_link_status") == "up"
         )
 
-    assert wait_for(replicating, 60), info(old)
-    assert wait_for(lambda: all(primary_by_sentinel(name, "127.0.0.1") == [NODES[new]] for name in NODES), 30)
+    wait_until(replicating, 60, f"{old} a replica of {new} with its link up")
+    wait_until(
+        lambda: all(primary_by_sentinel(name, "127.0.0.1") == [NODES[new]] for name in NODES),
+        30,
+        f"every Sentinel names {new}",
+    )
 
 
 # --- (f) a converge after the failover ------------------------------------------------------------
@@ -366,7 +361,7 @@ def test_failover_under_a_celery_load_loses_only_tasks_popped_as_the_primary_wen
 
     try:
         sent, refused = load.publish("ha.record", TASKS, PER_SECOND, after=STOP_AFTER, action=lambda: halt(old))
-        new = next(name for name, ip in NODES.items() if ip == wait_for(elected, ELECTION_BOUND + 30))
+        new = next(name for name, ip in NODES.items() if ip == wait_until(elected, ELECTION_BOUND + 30, "a new primary"))
         runs = load.wait_for_runs(sent, timeout=120)
         held = 0
         if set(sent) - runs.keys():

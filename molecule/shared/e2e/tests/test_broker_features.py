@@ -7,11 +7,10 @@ import os
 import time
 from pathlib import Path
 
-from cbk_testlib import e2e_broker
+from cbk_testlib import MANAGE, e2e_broker, wait_until
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BROKER = e2e_broker(SCENARIO)
-MANAGE = "/usr/local/sbin/sample_app-manage"
 RESULTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "features" / f"e2e-{BROKER}.json"
 EACH = 10
 
@@ -41,11 +40,13 @@ def test_priorities_with_a_backlog(backend, front):
     )
     started = time.time() - 1
     backend.check_output("systemctl start celery-worker@priority")
+
+    def all_ran():
+        ran = journal_lines(backend, "celery-worker@priority", started, "priority_demo: prio-")
+        return ran if len(ran) >= 2 * EACH else None
+
     try:
-        deadline = time.monotonic() + 60
-        while len(ran := journal_lines(backend, "celery-worker@priority", started, "priority_demo: prio-")) < 2 * EACH:
-            assert time.monotonic() < deadline, f"only {len(ran)} of {2 * EACH} priority tasks ran"
-            time.sleep(1)
+        ran = wait_until(all_ran, 60, f"all {2 * EACH} priority tasks run")
     finally:
         front.check_output("systemctl start celery-worker@priority")
     first_half = [line.rsplit("prio-", 1)[1] for line in ran[:EACH]]
@@ -64,12 +65,11 @@ def test_a_finally_failed_task_is_dead_lettered_on_rabbitmq_and_dropped_on_redis
     backend.check_output(
         "%s shell -c %s", MANAGE, "from analytics.tasks import track_event\ntrack_event.delay('not-a-uuid', 'poison')"
     )
-    deadline = time.monotonic() + 60
-    while not any(
-        journal_lines(host, "celery-worker@default", started, "ValidationError") for host in (backend, front)
-    ):
-        assert time.monotonic() < deadline, "the poison task did not fail within 60 s"
-        time.sleep(1)
+    wait_until(
+        lambda: any(journal_lines(host, "celery-worker@default", started, "ValidationError") for host in (backend, front)),
+        60,
+        "the poison task failing",
+    )
     time.sleep(2)
     # Redis has no dead-lettering: the failed task is acknowledged and only the worker's log keeps it.
     dead = int(backend.check_output(dead_letter) or 0) - before if BROKER == "rabbitmq" else 0

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from cbk_testlib import e2e_broker, scenario_variables, wait_for_maildir_message
+from cbk_testlib import MAILDIR, e2e_broker, scenario_variables, wait_for_maildir_message
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BROKER = e2e_broker(SCENARIO)
@@ -88,7 +88,7 @@ def test_without_the_kit_ca_the_browser_stops_at_the_certificate_warning(seen):
 def test_signup_form_confirms_and_the_email_arrives(seen, backend):
     assert seen["signup"]["ok"], seen["signup"]["saw"]
     assert "signed up" in seen["signup"]["saw"]
-    assert wait_for_maildir_message(backend, "/home/sink/Maildir", seen["email"], timeout=60), (
+    assert wait_for_maildir_message(backend, MAILDIR, seen["email"], timeout=60), (
         f"no welcome email to {seen['email']} after the browser signup"
     )
 

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 from cbk_testlib import (
+    MAILDIR,
     e2e_broker,
     host_variable,
     http_get,
@@ -23,7 +24,6 @@ from conftest import FRONT
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BROKER = e2e_broker(SCENARIO)
-MAILDIR = "/home/sink/Maildir"
 WORKERS = "celery-worker@*.service"
 FLOWER = ("admin", scenario_variables()["celery_worker_flower_password"])
 RABBITMQ_ADMIN = ("admin", scenario_variables()["rabbitmq_admin_password"])

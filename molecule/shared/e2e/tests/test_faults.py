@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from cbk_testlib import (
+    MANAGE,
     SignupLoad,
     e2e_broker,
     mail_tally,
@@ -193,7 +194,8 @@ def test_queued_tasks_survive_the_broker_going_down(backend, front, broker, stop
             redis_admin(backend, "CONFIG", "SET", "appendfsync", appendfsync)
         before = queued(backend, "analytics")
         backend.check_output(
-            "/usr/local/sbin/sample_app-manage shell -c %s",
+            "%s shell -c %s",
+            MANAGE,
             "import uuid\nfrom analytics.tasks import track_event\n"
             f"for i in range({count}):\n    track_event.delay(str(uuid.uuid4()), 'broker-down')\n",
         )
