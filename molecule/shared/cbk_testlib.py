@@ -238,6 +238,12 @@ def listen(host, port):
     host.run_expect([0], "timeout 10 sh -c 'until ss -Htln \"sport = :%s\" | grep -q .; do sleep 0.2; done'", str(port))
 
 
+# A UDP datagram, its text from argv, to the host's own loopback.
+PLAIN_DATAGRAM = (
+    "import socket, sys\nsocket.socket(type=socket.SOCK_DGRAM).sendto(sys.argv[1].encode(), ('127.0.0.1', 9))\n"
+)
+
+
 class PacketCapture:
     """What tcpdump wrote on one host: read it once the capture has stopped."""
 
@@ -253,6 +259,10 @@ class PacketCapture:
         """The capture file's bytes, headers and payloads: what a listener on the wire could read."""
         return base64.b64decode(self.host.check_output("base64 -w0 %s", self.path))
 
+    def holds(self, value):
+        """Whether the capture file holds value as it is (also while tcpdump still writes it)."""
+        return self.host.run("grep -qaF -- %s %s", str(value), self.path).rc == 0
+
     def in_clear(self, values):
         """The names of the values ({name: value}) found as they are in the raw capture."""
         return [name for name, value in values.items() if str(value).encode() in self.raw]
@@ -261,7 +271,11 @@ class PacketCapture:
 @contextlib.contextmanager
 def packet_capture(hosts, path="/var/tmp/cbk-capture.pcap"):
     """tcpdump on every interface of each host ({key: testinfra host}), loopback included and
-    SSH left out, while the with-block runs; yields {key: PacketCapture}, to read after it."""
+    SSH left out, while the with-block runs; yields {key: PacketCapture}, to read after it.
+
+    Before the stop each host sends a UDP datagram in clear to its own loopback, and each
+    capture must hold it: the capture sees payloads, and tcpdump (slow on a busy machine) has
+    written everything it was given before."""
     unit = f"cbk-capture-{uuid.uuid4().hex[:8]}"
     try:
         for host in hosts.values():
@@ -276,7 +290,12 @@ def packet_capture(hosts, path="/var/tmp/cbk-capture.pcap"):
                 " _ %s",
                 unit,
             )
-        yield {key: PacketCapture(host, path) for key, host in hosts.items()}
+        captures = {key: PacketCapture(host, path) for key, host in hosts.items()}
+        yield captures
+        control = f"control-{uuid.uuid4().hex}"
+        for host in hosts.values():
+            host.check_output("python3 -c %s %s", PLAIN_DATAGRAM, control)
+        wait_until(lambda: all(c.holds(control) for c in captures.values()), 60, "every capture holding its datagram")
     finally:
         for host in hosts.values():
             host.run("systemctl stop %s", unit)

@@ -43,10 +43,6 @@ TASKS, PER_SECOND, STOP_AFTER = 300, 20, 100
 # The Sentinels PING each other every second and publish hello messages through every server
 # every 2 s: a capture this much longer holds several of each.
 SENTINEL_SECONDS = 5
-# Runs on a node: a UDP datagram to its own loopback, which its capture must hold as sent.
-PLAIN_DATAGRAM = (
-    "import socket, sys\nsocket.socket(type=socket.SOCK_DGRAM).sendto(sys.argv[1].encode(), ('127.0.0.1', 9))\n"
-)
 
 
 def node(name):
@@ -184,11 +180,11 @@ def test_replication_and_sentinel_links_carry_no_data_in_clear():
     """Packets captured on every node while a marker is written to the primary, replicated and read
     back on both replicas, and the Sentinels talk to the servers, to each other and to a client:
     the replication links and the Sentinel port carry packets but neither the marker nor any of
-    the scenario's passwords. A datagram sent in clear is found: the capture sees payloads."""
+    the scenario's passwords (packet_capture checks that each capture sees payloads)."""
     primary = "cbk-redis-sentinel-n1"
     replicas = [name for name in NODES if name != primary]
     links = {name: replication_link(name) for name in replicas}
-    key, marker, control = f"capture-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex, f"control-{uuid.uuid4().hex}"
+    key, marker = f"capture-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
     with packet_capture({name: node(name) for name in NODES}) as captures:
         # From a replica's host to the primary's address: the write crosses the network as well.
         written = cli(replicas[0], NODES[primary], REDIS_PORT, f"SET {key} {marker}", "WAIT 2 5000", user="admin")
@@ -197,7 +193,6 @@ def test_replication_and_sentinel_links_carry_no_data_in_clear():
             assert cli(name, "127.0.0.1", REDIS_PORT, f"GET {key}", user="admin") == [marker], name
         for name, ip in NODES.items():
             assert primary_by_sentinel(other(name), ip) == [NODES[primary]], name
-            node(name).check_output("python3 -c %s %s", PLAIN_DATAGRAM, control)
         time.sleep(SENTINEL_SECONDS)
     secrets = {name: str(value) for name, value in scenario_variables().items() if name.endswith("_password")}
     secrets.update({"the marker": marker, "the marker's key": key})
@@ -212,7 +207,6 @@ def test_replication_and_sentinel_links_carry_no_data_in_clear():
             link = f"tcp port {REDIS_PORT} and tcp port {links[name]} and host {NODES[primary]}"
             packets[name]["replication link"] = capture.packets(link)
         in_clear[name] = capture.in_clear(secrets)
-        assert capture.in_clear({"control": control}) == ["control"], f"{name}: the capture holds no payload"
     print(f"packets per node: {packets}")
     assert all(all(counts.values()) for counts in packets.values()), packets
     assert not any(in_clear.values()), f"in clear on the network: {in_clear}"
