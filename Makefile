@@ -42,10 +42,11 @@ deploy: sandbox ## deploy the whole stack on the sandbox and say where it is
 destroy: toolchain ## remove the sandbox hosts and network (images and caches stay)
 	ansible-playbook playbooks/sandbox/destroy.yml
 
-lint: toolchain ## yamllint, ansible-lint (production profile), role READMEs' variables tables up to date
+lint: toolchain ## yamllint, ansible-lint (production profile), role READMEs' variables tables up to date, changelog fragments
 	yamllint --strict .
 	ansible-lint --profile production
 	python scripts/role_docs.py --check
+	antsibull-changelog lint
 
 role-docs: toolchain ## write each role README's variables table from its meta/argument_specs.yml
 	python scripts/role_docs.py
