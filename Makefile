@@ -43,10 +43,11 @@ deploy: sandbox ## deploy the whole stack on the sandbox and say where it is
 destroy: toolchain ## remove the sandbox hosts and network (images and caches stay)
 	ansible-playbook playbooks/sandbox/destroy.yml
 
-lint: toolchain ci-templates ## yamllint, ansible-lint (production profile), role READMEs' variables tables up to date, ci-templates
+lint: toolchain ci-templates ## yamllint, ansible-lint (production profile), role READMEs' variables tables up to date, changelog fragments, ci-templates
 	yamllint --strict .
 	ansible-lint --profile production
 	python scripts/role_docs.py --check
+	antsibull-changelog lint
 
 # The schemas ship inside check-jsonschema: validating needs no network.
 ci-templates: toolchain ## ci-templates/ valid against GitHub's and GitLab's schemas, GitLab's scenario list complete

@@ -47,7 +47,7 @@ rows=("$(timed 'new hosts: site.yml on freshly created hosts, kit ansible.cfg')"
 settled=$(settle)
 rows+=("$(timed 'warm re-run, kit ansible.cfg (Mitogen)')")
 rows+=("$(timed 'warm re-run, kit ansible.cfg without Mitogen' ANSIBLE_STRATEGY=linear)")
-rows+=("$(timed 'warm re-run, empty ansible.cfg' ANSIBLE_CONFIG="$empty_cfg" ANSIBLE_ROLES_PATH=roles ANSIBLE_FILTER_PLUGINS=plugins/filter)")
+rows+=("$(timed 'warm re-run, empty ansible.cfg' ANSIBLE_CONFIG="$empty_cfg" ANSIBLE_COLLECTIONS_PATH=collections)")
 load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 
 seconds() { printf '%s\n' "${rows[@]}" | awk -F'|' -v l="$1" 'index($1, l) == 1 { print $2 }'; }

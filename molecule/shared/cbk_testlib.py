@@ -137,7 +137,7 @@ def ansible_env(**extra):
     return {
         **os.environ,
         "ANSIBLE_CONFIG": str(inventory.parent / "ansible.cfg"),
-        "ANSIBLE_ROLES_PATH": str(Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "roles"),
+        "ANSIBLE_COLLECTIONS_PATH": str(Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "collections"),
         "ANSIBLE_CALLBACK_RESULT_FORMAT": "yaml",
         "ANSIBLE_VERBOSITY": "0",
         "ANSIBLE_LOG_PATH": "/dev/null",

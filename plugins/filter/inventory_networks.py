@@ -1,6 +1,6 @@
 # The allow-lists' default: the hosts of some inventory groups, each as one /32 (/128).
 # Roles call it from their defaults, e.g.
-#   postgresql_client_networks: "{{ postgresql_client_groups | group_networks(groups, hostvars) }}"
+#   postgresql_client_networks: "{{ postgresql_client_groups | cbk.celery_broker_kit.group_networks(groups, hostvars) }}"
 # and whether an address is inside an allow-list, e.g. the run's own SSH client in sshd's.
 
 import ipaddress

@@ -239,7 +239,9 @@ def test_a_wildcard_certificate_for_the_clusters_tls_name_passes_the_check(tmp_p
     playbook.write_text(json.dumps([{
         "name": "The rabbitmq role's checks alone",
         "hosts": "rabbitmq",
-        "tasks": [{"ansible.builtin.include_role": {"name": "rabbitmq", "tasks_from": "validate"}}],
+        "tasks": [
+            {"ansible.builtin.include_role": {"name": "cbk.celery_broker_kit.rabbitmq", "tasks_from": "validate"}},
+        ],
     }]))
     extra_vars = {"rabbitmq_tls_cert": chain, "rabbitmq_tls_key": given["key"], "rabbitmq_tls_ca": given["ca"]}
     returncode, output, _, recap = ansible_playbook(playbook, "-e", json.dumps(extra_vars, default=str))

@@ -59,7 +59,11 @@ def run_case(changes):
     result = subprocess.run(
         ["ansible-playbook", "--check", "-i", f"{INSTANCE},", "-e", json.dumps(variables), "preflight.yml"],
         cwd=SCENARIO_DIR,
-        env={**os.environ, "ANSIBLE_ROLES_PATH": os.path.join(PROJECT_DIR, "roles"), "ANSIBLE_NOCOLOR": "1"},
+        env={
+            **os.environ,
+            "ANSIBLE_COLLECTIONS_PATH": os.path.join(PROJECT_DIR, "collections"),
+            "ANSIBLE_NOCOLOR": "1",
+        },
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,0 +1,67 @@
+"""The separate project (project/) converged from the installed collection: what was installed
+is the collection alone, at galaxy.yml's version, the project finds it in its own directory only,
+and the roles did their work: the sink takes mail, port 25 is open to the web host that the
+collection's group_networks filter read from the project's inventory."""
+
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import yaml
+from cbk_testlib import smtp_send, wait_for_maildir_message
+
+PROJECT = Path(os.environ["CBK_COLLECTION_PROJECT"])
+INSTALLED = PROJECT / "collections" / "ansible_collections" / "cbk" / "celery_broker_kit"
+GALAXY = yaml.safe_load((Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "galaxy.yml").read_text())
+# The project inventory's web host (project/inventory/hosts.yml).
+WEB_HOST_ADDRESS = "192.0.2.10"
+
+
+def test_the_installed_collection_has_galaxy_yml_version():
+    manifest = json.loads((INSTALLED / "MANIFEST.json").read_text())["collection_info"]
+    assert (manifest["namespace"], manifest["name"], manifest["version"]) == (
+        GALAXY["namespace"],
+        GALAXY["name"],
+        GALAXY["version"],
+    )
+
+
+def test_the_tarball_holds_the_collection_and_nothing_of_the_repository():
+    assert sorted(path.name for path in INSTALLED.iterdir()) == [
+        "CHANGELOG.md",
+        "FILES.json",
+        "LICENSE",
+        "MANIFEST.json",
+        "README.md",
+        "changelogs",
+        "meta",
+        "plugins",
+        "roles",
+    ]
+    assert sorted(path.name for path in (INSTALLED / "plugins").iterdir()) == ["filter"]
+
+
+def test_the_project_finds_the_collection_in_its_own_directory_only():
+    listed = subprocess.run(
+        ["ansible-galaxy", "collection", "list", f"{GALAXY['namespace']}.{GALAXY['name']}", "--format", "json"],
+        cwd=PROJECT,
+        env={"PATH": os.environ["PATH"], "HOME": os.environ["HOME"]},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert list(json.loads(listed.stdout)) == [str(PROJECT / "collections" / "ansible_collections")]
+
+
+def test_the_sink_delivers_mail_into_its_maildir(host):
+    token = uuid.uuid4().hex
+    assert smtp_send(host, "127.0.0.1", f"user-{token}@example.com", f"Probe {token}", token) == "accepted"
+    assert wait_for_maildir_message(host, "/home/sink/Maildir", token, timeout=60)
+
+
+def test_port_25_is_open_to_the_inventory_web_host(host):
+    ruleset = host.check_output("nft list ruleset")
+    (rule,) = [line for line in ruleset.splitlines() if 'comment "mail-sink"' in line]
+    assert f"saddr {WEB_HOST_ADDRESS} tcp dport 25 accept" in rule
