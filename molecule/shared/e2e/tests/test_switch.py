@@ -100,7 +100,7 @@ def playbook(name, probe_address, *args, inventory=INVENTORY, interrupt_when=Non
     result.seconds = time.monotonic() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
     playbook.runs += 1
-    log = "-".join(arg.split("=")[-1] for arg in args if not arg.startswith("-"))
+    log = "-".join(arg.split("=")[-1] for arg in args if not arg.startswith("-")).replace("/", "_")
     # Both runs' output: an interrupted run may have gone as far as the drain.
     result.log = output + result.stdout
     (RESULTS / f"{playbook.runs:02d}-{log}.log").write_text(result.log)
@@ -228,6 +228,15 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     result = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq", inventory=inventory)
     assert result.returncode != 0
     assert "rabbitmq_tls_only is true on a RabbitMQ cluster of 3 hosts" in result.stdout, result.stdout[-2000:]
+
+    # The workers' settings are not where django_app_env_file says (the app is installed): the
+    # check stops, naming the variable, rather than find no broker to compare and report no switch.
+    moved = os.path.join(os.path.dirname(env_file(front)), "moved.env")
+    result = playbook(
+        "switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq", "-e", f"django_app_env_file={moved}"
+    )
+    assert result.returncode != 0
+    assert f"django_app_env_file is {moved}, but" in " ".join(result.stdout.split()), result.stdout[-2000:]
 
     # A task scheduled beyond the drain timeout of the refusal below (30 s), well within that
     # of the switch after it (600 s), which must still run it once; held by a worker that then
