@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -94,18 +95,44 @@ def role_defaults(role, kind="defaults"):
 
 
 @functools.cache
-def host_variable(host_name, name):
-    """A variable of one inventory host as the scenario's runs template it, from all their inventories."""
-    out = subprocess.run(
-        ["ansible", host_name, *inventory_args(), "-m", "ansible.builtin.debug", "-a", f"var={name}"],
-        env=ansible_env(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.posix.json"),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+def host_variable(host_name, name, roles=()):
+    """A variable of one inventory host as the scenario's runs template it, from all their inventories;
+    with roles (a tuple of role names), as those roles' tasks see it: their defaults and vars too,
+    e.g. django_app_env_file where the scenario leaves it to the role's default."""
+    env = ansible_env(ANSIBLE_LOAD_CALLBACK_PLUGINS="1", ANSIBLE_STDOUT_CALLBACK="ansible.posix.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        if roles:
+            # Each role imported (its variables given to the play, none of its tasks run), then the variable.
+            imports = [{"ansible.builtin.import_role": {"name": role_fqcn(role)}, "when": False} for role in roles]
+            debug = {"ansible.builtin.debug": {"var": name}}
+            play = {"hosts": host_name, "gather_facts": False, "tasks": [*imports, debug]}
+            playbook = Path(tmp) / "host_variable.yml"
+            playbook.write_text(json.dumps([play]))
+            command = ["ansible-playbook", *inventory_args(), str(playbook)]
+        else:
+            command = ["ansible", host_name, *inventory_args(), "-m", "ansible.builtin.debug", "-a", f"var={name}"]
+        out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     # The JSON report, between the lines of the scenario's other callbacks (profile_tasks).
     report, _ = json.JSONDecoder().raw_decode(out.stdout, out.stdout.index("{"))
-    return report["plays"][0]["tasks"][0]["hosts"][host_name][name]
+    return report["plays"][0]["tasks"][-1]["hosts"][host_name][name]
+
+
+@functools.cache
+def galaxy():
+    """This checkout's galaxy.yml: the collection it is."""
+    import yaml
+
+    return yaml.safe_load((Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "galaxy.yml").read_text())
+
+
+def role_fqcn(role):
+    """A role's name in this collection (cbk.celery_broker_kit.<role>)."""
+    return f"{galaxy()['namespace']}.{galaxy()['name']}.{role}"
+
+
+def app_env_file(host_name):
+    """The app's environment file on an inventory host: django_app_env_file as the django_app role reads it."""
+    return host_variable(host_name, "django_app_env_file", ("django_app",))
 
 
 def scenario_setting(role, name):

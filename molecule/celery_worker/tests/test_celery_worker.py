@@ -12,6 +12,8 @@ from cbk_testlib import (
     MAILDIR,
     MANAGE,
     address,
+    app_env_file,
+    host_variable,
     http_get,
     scenario_setting,
     systemd_seconds,
@@ -32,6 +34,12 @@ UNITS = [f"celery-worker@{name}" for name in EXPECTED]
 @pytest.fixture(scope="module")
 def hostvars(host):
     return host.ansible.get_variables()
+
+
+@pytest.fixture(scope="module")
+def app_group(hostvars):
+    """The group that may read the app's settings (django_app_group, as the django_app role sees it)."""
+    return host_variable(hostvars["inventory_hostname"], "django_app_group", ("django_app",))
 
 
 @pytest.fixture(scope="module")
@@ -171,14 +179,15 @@ def test_beat_runs_on_the_beat_host_only(host, is_main):
     assert beat.is_enabled == is_main
 
 
-def test_flower_runs_on_its_host_only_with_credentials_in_a_private_file(host, is_main):
+def test_flower_runs_on_its_host_only_with_credentials_in_a_private_file(host, hostvars, is_main, app_group):
     flower = host.service("celery-flower")
     assert flower.is_running == is_main
     assert flower.is_enabled == is_main
-    env_file = host.file("/etc/sample_app/flower.env")
+    roles = ("django_app", "celery_worker")
+    env_file = host.file(host_variable(hostvars["inventory_hostname"], "celery_worker__flower_env_file", roles))
     assert env_file.exists == is_main
     if is_main:
-        assert (env_file.user, env_file.group, env_file.mode) == ("root", "sample_app", 0o640)
+        assert (env_file.user, env_file.group, env_file.mode) == ("root", app_group, 0o640)
         pid = host.check_output("systemctl show -p MainPID --value celery-flower")
         assert FLOWER_PASSWORD not in host.file(f"/proc/{pid}/cmdline").content_string
         assert FLOWER_PASSWORD not in host.check_output("systemctl cat celery-flower")
@@ -204,9 +213,9 @@ def test_flower_port_is_dropped_for_hosts_outside_the_allow_list(host, is_main):
     assert tcp_probe(controller, address(host), 5555) == "timeout"
 
 
-def test_settings_change_restarted_the_units_and_kept_the_env_private(host):
-    env = host.file("/etc/sample_app/env")
-    assert (env.user, env.group, env.mode) == ("root", "sample_app", 0o640)
+def test_settings_change_restarted_the_units_and_kept_the_env_private(host, hostvars, app_group):
+    env = host.file(app_env_file(hostvars["inventory_hostname"]))
+    assert (env.user, env.group, env.mode) == ("root", app_group, 0o640)
     assert 'CBK_SIDE_EFFECT="settings-changed"' in env.content_string
     pid = host.check_output("systemctl show -p MainPID --value celery-worker@default")
     environ = host.file(f"/proc/{pid}/environ").content_string

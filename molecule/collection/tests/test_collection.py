@@ -10,13 +10,14 @@ import uuid
 from pathlib import Path
 
 import yaml
-from cbk_testlib import smtp_send, wait_for_maildir_message
+from cbk_testlib import MAILDIR, galaxy, smtp_send, wait_for_maildir_message
 
 PROJECT = Path(os.environ["CBK_COLLECTION_PROJECT"])
-INSTALLED = PROJECT / "collections" / "ansible_collections" / "cbk" / "celery_broker_kit"
-GALAXY = yaml.safe_load((Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "galaxy.yml").read_text())
-# The project inventory's web host (project/inventory/hosts.yml).
-WEB_HOST_ADDRESS = "192.0.2.10"
+GALAXY = galaxy()
+INSTALLED = PROJECT / "collections" / "ansible_collections" / GALAXY["namespace"] / GALAXY["name"]
+# The project inventory's web host.
+INVENTORY = yaml.safe_load((PROJECT / "inventory" / "hosts.yml").read_text())
+(WEB_HOST_ADDRESS,) = [host["ansible_host"] for host in INVENTORY["all"]["children"]["web"]["hosts"].values()]
 
 
 def test_the_installed_collection_has_galaxy_yml_version():
@@ -58,7 +59,7 @@ def test_the_project_finds_the_collection_in_its_own_directory_only():
 def test_the_sink_delivers_mail_into_its_maildir(host):
     token = uuid.uuid4().hex
     assert smtp_send(host, "127.0.0.1", f"user-{token}@example.com", f"Probe {token}", token) == "accepted"
-    assert wait_for_maildir_message(host, "/home/sink/Maildir", token, timeout=60)
+    assert wait_for_maildir_message(host, MAILDIR, token, timeout=60)
 
 
 def test_port_25_is_open_to_the_inventory_web_host(host):

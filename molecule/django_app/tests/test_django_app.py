@@ -11,12 +11,11 @@ from urllib.parse import urlencode
 
 import pytest
 import testinfra
-from cbk_testlib import address, http_request, scenario_setting, tcp_probe
+from cbk_testlib import address, app_env_file, host_variable, http_request, scenario_setting, tcp_probe
 
 APP = "sample_app"
 ROOT = f"/srv/{APP}"
 CURRENT = f"{ROOT}/current"
-ENV_FILE = f"/etc/{APP}/env"
 SOCKET = f"/run/{APP}/gunicorn.sock"
 SERVICE = f"{APP}.service"
 SIDE_EFFECT_RECORD = "/var/tmp/django_app_side_effect.json"
@@ -200,12 +199,14 @@ def test_http_port_is_dropped_for_networks_not_allowed(host, ip):
 
 
 def test_environment_file_is_readable_by_root_and_the_app_group_only(host):
-    env = host.file(ENV_FILE)
+    name = host.backend.get_hostname()
+    env_file = app_env_file(name)
+    env = host.file(env_file)
     assert env.user == "root"
-    assert env.group == APP
+    assert env.group == host_variable(name, "django_app_group", ("django_app",))
     assert env.mode == 0o640
-    assert host.run("runuser -u nobody -- cat %s", ENV_FILE).rc != 0
-    assert host.run("runuser -u %s -- cat %s", APP, ENV_FILE).rc == 0
+    assert host.run("runuser -u nobody -- cat %s", env_file).rc != 0
+    assert host.run("runuser -u %s -- cat %s", APP, env_file).rc == 0
 
 
 def test_secret_with_shell_and_systemd_metacharacters_reaches_django_intact(host):

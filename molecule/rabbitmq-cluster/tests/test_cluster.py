@@ -19,6 +19,7 @@ from cbk_testlib import (
     OTHER_CA_ONLY,
     ansible_playbook,
     platform_addresses,
+    role_fqcn,
     role_defaults,
     scenario_setting,
     scenario_variables,
@@ -240,7 +241,7 @@ def test_a_wildcard_certificate_for_the_clusters_tls_name_passes_the_check(tmp_p
         "name": "The rabbitmq role's checks alone",
         "hosts": "rabbitmq",
         "tasks": [
-            {"ansible.builtin.include_role": {"name": "cbk.celery_broker_kit.rabbitmq", "tasks_from": "validate"}},
+            {"ansible.builtin.include_role": {"name": role_fqcn("rabbitmq"), "tasks_from": "validate"}},
         ],
     }]))
     extra_vars = {"rabbitmq_tls_cert": chain, "rabbitmq_tls_key": given["key"], "rabbitmq_tls_ca": given["ca"]}

@@ -22,6 +22,7 @@ from cbk_testlib import (
     SYSTEM_CA_BUNDLE,
     address,
     ansible_playbook,
+    app_env_file,
     direct,
     e2e_broker,
     host_variable,
@@ -357,7 +358,7 @@ STARTTLS = "openssl s_client -starttls %s -connect %s:%s -verify_ip %s -verify_r
 
 def test_the_app_hosts_verify_the_database_certificate(kit_hosts, broker_address):
     front = kit_hosts[HOSTS[1]][0]
-    env = front.check_output("grep ^DATABASE_URL= /etc/sample_app/env")
+    env = front.check_output("grep ^DATABASE_URL= %s", app_env_file(HOSTS[1]))
     verified = front.run(STARTTLS + " </dev/null", "postgres", broker_address, "5432", broker_address, SYSTEM_CA_BUNDLE)
     other = front.run(STARTTLS + " </dev/null", "postgres", broker_address, "5432", broker_address, OTHER_CA_ONLY)
     got = ("sslmode=verify-full" in env, verified.rc, other.rc != 0)
@@ -370,7 +371,7 @@ def test_the_workers_verify_the_mail_sinks_certificate(kit_hosts, broker_address
     if host_variable(HOSTS[0], "mail_sink_tls_enabled") is not True:
         pytest.skip("the mail sink speaks plain SMTP here (mail_sink_tls_enabled), as in the sandbox")
     front = kit_hosts[HOSTS[1]][0]
-    env = front.check_output("grep ^EMAIL_USE_TLS= /etc/sample_app/env")
+    env = front.check_output("grep ^EMAIL_USE_TLS= %s", app_env_file(HOSTS[1]))
     smtp = ("smtp", broker_address, "25", broker_address)
     verified = front.run(STARTTLS + " </dev/null", *smtp, SYSTEM_CA_BUNDLE)
     other = front.run(STARTTLS + " </dev/null", *smtp, OTHER_CA_ONLY)

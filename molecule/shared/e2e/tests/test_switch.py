@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cbk_testlib import SignupLoad, ansible_env, host_variable, inventory_args, mail_tally, redis_admin, settle_mail
+from cbk_testlib import (
+    SignupLoad,
+    ansible_env,
+    app_env_file,
+    host_variable,
+    inventory_args,
+    mail_tally,
+    redis_admin,
+    settle_mail,
+)
 from conftest import BACKEND
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
@@ -29,7 +38,6 @@ PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 INVENTORY = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
 PROBE = f"cbk-{SCENARIO}-probe"
 MANAGE = "/usr/local/sbin/sample_app-manage"
-ENV_FILE = "/etc/sample_app/env"
 RESULTS = PROJECT / "artifacts" / "switch"
 QUEUES = ("celery", "email", "analytics", "priority")
 BACKLOG = 300  # analytics tasks published on the old broker right before the switch
@@ -92,7 +100,7 @@ def playbook(name, probe_address, *args, inventory=INVENTORY, interrupt_when=Non
     result.seconds = time.monotonic() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
     playbook.runs += 1
-    log = "-".join(arg.split("=")[-1] for arg in args if not arg.startswith("-"))
+    log = "-".join(arg.split("=")[-1] for arg in args if not arg.startswith("-")).replace("/", "_")
     # Both runs' output: an interrupted run may have gone as far as the drain.
     result.log = output + result.stdout
     (RESULTS / f"{playbook.runs:02d}-{log}.log").write_text(result.log)
@@ -102,22 +110,29 @@ def playbook(name, probe_address, *args, inventory=INVENTORY, interrupt_when=Non
 playbook.runs = 0
 
 
+def env_file(host):
+    """The app's settings on the host (django_app_env_file: the scenario puts them elsewhere than the
+    role's default path). The workers' settings and a switch's copy of the old ones are beside them."""
+    return app_env_file(host.backend.get_hostname())
+
+
 def broker_of(host):
     """The broker of the broker URL in the host's app settings (redis or rabbitmq), checked to
     use TLS exactly where the scenario gives that broker TLS (redis_tls_enabled, rabbitmq_tls_enabled)."""
-    scheme = host.check_output("sed -n 's/^CELERY_BROKER_URL=\"\\([a-z]*\\):.*/\\1/p' %s", ENV_FILE)
+    scheme = host.check_output("sed -n 's/^CELERY_BROKER_URL=\"\\([a-z]*\\):.*/\\1/p' %s", env_file(host))
     broker = {"redis": "redis", "rediss": "redis", "amqp": "rabbitmq", "amqps": "rabbitmq"}[scheme]
     tls = host_variable(BACKEND, f"{broker}_tls_enabled") is True
-    assert scheme.endswith("s") == tls, f"{ENV_FILE}: {scheme}:// with {broker}_tls_enabled {tls}"
+    assert scheme.endswith("s") == tls, f"{env_file(host)}: {scheme}:// with {broker}_tls_enabled {tls}"
     return broker
 
 
 def fingerprint(backend, front):
     """What a refused switch must leave as it was: the app settings of both hosts and
     whether RabbitMQ is installed."""
+    settings = "sha256sum %s %s/celery-worker-*.env"  # the directory is quoted, the pattern is not
     return (
-        front.check_output("sha256sum %s /etc/sample_app/celery-worker-*.env", ENV_FILE),
-        backend.check_output("sha256sum %s /etc/sample_app/celery-worker-*.env", ENV_FILE),
+        front.check_output(settings, env_file(front), os.path.dirname(env_file(front))),
+        backend.check_output(settings, env_file(backend), os.path.dirname(env_file(backend))),
         backend.run("dpkg-query -W -f '${Status}' rabbitmq-server").stdout,
     )
 
@@ -213,6 +228,15 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     result = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq", inventory=inventory)
     assert result.returncode != 0
     assert "rabbitmq_tls_only is true on a RabbitMQ cluster of 3 hosts" in result.stdout, result.stdout[-2000:]
+
+    # The workers' settings are not where django_app_env_file says (the app is installed): the
+    # check stops, naming the variable, rather than find no broker to compare and report no switch.
+    moved = os.path.join(os.path.dirname(env_file(front)), "moved.env")
+    result = playbook(
+        "switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq", "-e", f"django_app_env_file={moved}"
+    )
+    assert result.returncode != 0
+    assert f"django_app_env_file is {moved}, but" in " ".join(result.stdout.split()), result.stdout[-2000:]
 
     # A task scheduled beyond the drain timeout of the refusal below (30 s), well within that
     # of the switch after it (600 s), which must still run it once; held by a worker that then
@@ -346,7 +370,9 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
     for host in hosts:
         assert broker_of(host) == new
         assert host.run("ls /etc/systemd/system/ | grep -q 'celery-worker@drain-'").rc != 0, "drain workers left"
-        assert not host.file("/etc/sample_app/celery-drain.env").exists
+        beside = os.path.dirname(env_file(host))
+        drain_settings = host.check_output("find %s -maxdepth 1 -name 'celery-drain*.env'", beside)
+        assert not drain_settings, f"drain settings left: {drain_settings}"
     old_unit = {"redis": "redis-server", "rabbitmq": "rabbitmq-server"}[old]
     assert backend.service(old_unit).is_running == (retire == "keep"), f"celery_broker_retire={retire}"
 
