@@ -19,7 +19,16 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cbk_testlib import SignupLoad, ansible_env, host_variable, inventory_args, mail_tally, redis_admin, settle_mail
+from cbk_testlib import (
+    SignupLoad,
+    ansible_env,
+    host_variable,
+    inventory_args,
+    mail_tally,
+    redis_admin,
+    redis_engine,
+    settle_mail,
+)
 from conftest import BACKEND
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
@@ -229,11 +238,11 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
         host.check_output("systemctl kill --signal=SIGKILL celery-worker@default")  # systemd restarts it
 
     # The old broker does not answer.
-    backend.check_output("systemctl stop redis-server")
+    backend.check_output("systemctl stop %s", redis_engine()["server"])
     try:
         result = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq")
     finally:
-        backend.check_output("systemctl start redis-server")
+        backend.check_output("systemctl start %s", redis_engine()["server"])
     assert result.returncode != 0
     assert "does not answer" in result.stdout and "Nothing was changed" in result.stdout, result.stdout[-2000:]
 
@@ -347,7 +356,7 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
         assert broker_of(host) == new
         assert host.run("ls /etc/systemd/system/ | grep -q 'celery-worker@drain-'").rc != 0, "drain workers left"
         assert not host.file("/etc/sample_app/celery-drain.env").exists
-    old_unit = {"redis": "redis-server", "rabbitmq": "rabbitmq-server"}[old]
+    old_unit = {"redis": redis_engine()["server"], "rabbitmq": "rabbitmq-server"}[old]
     assert backend.service(old_unit).is_running == (retire == "keep"), f"celery_broker_retire={retire}"
 
 
