@@ -196,13 +196,27 @@ def ansible_playbook(playbook, *args):
     )
 
 
-def redis_admin(host, *command):
-    """A redis-cli command as the Redis role's admin user (password through the environment),
-    over the role's local socket, which serves with and without TLS."""
+def redis_engine_name(variables=None):
+    """The redis role's engine for a host's variables: their redis_engine, else the role's default."""
+    return (variables or {}).get("redis_engine", role_defaults("redis")["redis_engine"])
+
+
+def redis_engine(variables=None):
+    """The redis role's engine for a host's variables, as its entry in the role's engine table
+    (vars/main.yml): server, cli, user, config_dir, data_dir, socket, ..."""
+    return role_defaults("redis", "vars")["redis__engines"][redis_engine_name(variables)]
+
+
+def redis_admin(host, *command, engine=None):
+    """A cli command (redis-cli, valkey-cli) as the Redis role's admin user (password through
+    the environment, which both read), over the role's local socket, which serves with and
+    without TLS. engine: the host's redis_engine entry, else the role's default engine."""
+    engine = engine or redis_engine()
     return host.check_output(
-        "REDISCLI_AUTH=%s redis-cli -s %s --user admin --no-auth-warning " + " ".join(["%s"] * len(command)),
+        "REDISCLI_AUTH=%s %s -s %s --user admin --no-auth-warning " + " ".join(["%s"] * len(command)),
         scenario_variables()["redis_admin_password"],
-        role_defaults("redis", "vars")["redis__socket"],
+        engine["cli"],
+        engine["socket"],
         *command,
     )
 

@@ -1,23 +1,33 @@
 """The redis role: a Celery broker only the app's hosts can reach, only its ACL users can
 use, each with only the commands it needs; durable across restarts; TLS-only where enabled.
+The same on either engine (redis_engine): Redis, or Valkey with its own unit and paths.
 
-Every instance is a Redis server and the other instance's client, so the network checks
-and the Celery round trips run on the peer and cross the firewall. cbk-redis-debian13
-runs TLS only (molecule.yml); cbk-redis-debian12 plain text."""
+Every instance is a Redis (or Valkey) server, and the instance its probe_client names
+(molecule.yml) is its client, so the network checks and the Celery round trips run on that
+peer and cross the firewall. cbk-redis-debian13 and cbk-redis-valkey run TLS only;
+cbk-redis-debian12 plain text."""
 
 import hashlib
 import time
 
 import pytest
 import testinfra
-from cbk_testlib import address, direct, other_hosts, tcp_probe
+from cbk_testlib import (
+    address,
+    direct,
+    inventory_host,
+    other_hosts,
+    redis_engine,
+    redis_engine_name,
+    role_defaults,
+    tcp_probe,
+)
 
 PROBE_DIR = "/opt/cbk-probe"
 PROBE_CA = f"{PROBE_DIR}/redis-ca.crt"
 PLAIN_PORT, TLS_PORT = 6379, 6380
-CONFIG_FILES = ("/etc/redis/redis.conf", "/etc/redis/users.acl")
-# Everything Redis and its unit read, where a clear-text password must never be.
-SECRET_FREE_PATHS = ("/etc/redis", "/var/lib/redis", "/etc/systemd/system/redis-server.service.d")
+# The Debian package versions each engine comes in, by release (tests the pin's effect).
+PACKAGE_VERSIONS = {"redis": {"12": "5:7.0.", "13": "5:8.0."}, "valkey": {"13": "8.1."}}
 # The instances share the docker host's clock. Journal entries before this moment come
 # from the Ansible runs (converge, idempotence, side effect); later ones from these tests,
 # whose own commands carry the test passwords.
@@ -30,6 +40,18 @@ class Broker:
     def __init__(self, host):
         variables = host.ansible.get_variables()
         self.host = direct(host)
+        # The engine's unit, user and paths (the role's engine table), and the peer's cli.
+        self.engine_name = redis_engine_name(variables)
+        self.engine = redis_engine(variables)
+        self.client = inventory_host(variables["probe_client"])
+        self.client_cli = redis_engine(self.client.ansible.get_variables())["cli"]
+        self.acl_file = f"{self.engine['config_dir']}/users.acl"
+        # Everything the server and its unit read, where a clear-text password must never be.
+        self.secret_free_paths = (
+            self.engine["config_dir"],
+            self.engine["data_dir"],
+            f"/etc/systemd/system/{self.engine['server']}.service.d",
+        )
         self.tls = bool(variables.get("redis_tls_enabled", False))
         self.port = TLS_PORT if self.tls else PLAIN_PORT
         self.ip = address(host)
@@ -42,10 +64,10 @@ class Broker:
         }
 
     def cli(self, client, *args, user=None, password=None, tls=None, ca=PROBE_CA, port=None, stdin=()):
-        """redis-cli on client against this instance; stdout and stderr together. With stdin
-        (lines, one command each), redis-cli runs them on one connection."""
+        """The client's cli (redis-cli, valkey-cli) against this instance; stdout and stderr
+        together. With stdin (lines, one command each), the cli runs them on one connection."""
         tls = self.tls if tls is None else tls
-        command = ["timeout", "10", "redis-cli", "--no-auth-warning", "-h", self.ip, "-p", str(port or self.port)]
+        command = ["timeout", "10", self.client_cli, "--no-auth-warning", "-h", self.ip, "-p", str(port or self.port)]
         if tls:
             command += ["--tls"] + (["--cacert", ca] if ca else [])
         if user:
@@ -84,14 +106,14 @@ class Broker:
 
 
 @pytest.fixture(scope="module")
-def peer(host):
-    (other,) = other_hosts(host)
-    return direct(other)
+def broker(host):
+    return Broker(host)
 
 
 @pytest.fixture(scope="module")
-def broker(host):
-    return Broker(host)
+def peer(broker):
+    """The instance's client (its probe_client)."""
+    return direct(broker.client)
 
 
 @pytest.fixture(scope="module")
@@ -117,22 +139,28 @@ def acl_log_entries(broker, client, user):
 # --- Package and service -----------------------------------------------------------------
 
 
-def test_redis_comes_from_the_debian_release(node):
-    expected = {"12": "5:7.0.", "13": "5:8.0."}[node.system_info.release.split(".")[0]]
-    assert node.package("redis-server").version.startswith(expected)
-    policy = node.check_output("apt-cache policy redis-server")
+def test_redis_comes_from_the_debian_release(node, broker):
+    server = broker.engine["server"]
+    expected = PACKAGE_VERSIONS[broker.engine_name][node.system_info.release.split(".")[0]]
+    assert node.package(server).version.startswith(expected)
+    policy = node.check_output("apt-cache policy %s", server)
     assert "990" in policy, "the apt pin to Debian's archive is not in effect"
+    # One engine per host: another's server would want the same ports, and hold the data.
+    for name, engine in role_defaults("redis", "vars")["redis__engines"].items():
+        if name != broker.engine_name:
+            assert not node.package(engine["server"]).is_installed, name
 
 
-def test_service_runs_with_the_hardening_drop_in(node):
-    service = node.service("redis-server")
+def test_service_runs_with_the_hardening_drop_in(node, broker):
+    service = node.service(broker.engine["server"])
     assert service.is_running
     assert service.is_enabled
     props = dict(
         line.split("=", 1)
         for line in node.check_output(
-            "systemctl show redis-server -p NoNewPrivileges -p ProtectSystem -p PrivateTmp "
-            "-p LimitNOFILE -p ReadWritePaths -p UMask -p User -p CapabilityBoundingSet"
+            "systemctl show %s -p NoNewPrivileges -p ProtectSystem -p PrivateTmp "
+            "-p LimitNOFILE -p ReadWritePaths -p UMask -p User -p CapabilityBoundingSet",
+            broker.engine["server"],
         ).splitlines()
     )
     assert props["NoNewPrivileges"] == "yes"
@@ -140,10 +168,11 @@ def test_service_runs_with_the_hardening_drop_in(node):
     assert props["PrivateTmp"] == "yes"
     assert props["LimitNOFILE"] == "65536"
     assert props["UMask"] == "0027"
-    assert props["User"] == "redis"
+    assert props["User"] == broker.engine["user"]
     assert props["CapabilityBoundingSet"] == ""
-    # Debian's unit lets Redis write /etc/redis (and /var/log/redis); the drop-in does not.
-    assert props["ReadWritePaths"].split() == ["/var/lib/redis", "-/run/redis"]
+    # Debian's unit lets the server write /etc/redis (and /var/log/redis; Valkey's the same in
+    # /etc/valkey, /var/log/valkey); the drop-in does not.
+    assert props["ReadWritePaths"].split() == [broker.engine["data_dir"], "-" + broker.engine["run_dir"]]
 
 
 def test_redis_cannot_write_its_own_configuration(node, peer, broker):
@@ -155,30 +184,32 @@ def test_redis_cannot_write_its_own_configuration(node, peer, broker):
 # --- Files on disk -------------------------------------------------------------------------
 
 
-def test_configuration_is_root_owned_and_not_world_readable(node):
-    directory = node.file("/etc/redis")
-    assert (directory.user, directory.group, directory.mode) == ("root", "redis", 0o750)
-    for path in CONFIG_FILES:
+def test_configuration_is_root_owned_and_not_world_readable(node, broker):
+    engine, group = broker.engine, broker.engine["user"]
+    directory = node.file(engine["config_dir"])
+    assert (directory.user, directory.group, directory.mode) == ("root", group, 0o750)
+    for path in (engine["config_file"], broker.acl_file):
         config = node.file(path)
-        assert (config.user, config.group, config.mode) == ("root", "redis", 0o640), path
-    data = node.file("/var/lib/redis")
-    assert (data.user, data.group, data.mode) == ("redis", "redis", 0o750)
-    # Package upgrades re-apply these instead of Debian's redis-owned modes.
+        assert (config.user, config.group, config.mode) == ("root", group, 0o640), path
+    data = node.file(engine["data_dir"])
+    assert (data.user, data.group, data.mode) == (group, group, 0o750)
+    # Package upgrades re-apply these instead of Debian's server-owned modes.
     overrides = node.check_output("dpkg-statoverride --list").splitlines()
-    assert "root redis 750 /etc/redis" in overrides
-    assert "root redis 640 /etc/redis/redis.conf" in overrides
+    assert f"root {group} 750 {engine['config_dir']}" in overrides
+    assert f"root {group} 640 {engine['config_file']}" in overrides
 
 
 def test_no_clear_text_password_on_disk_or_in_logs(node, broker):
     for user, password in broker.passwords.items():
-        found = node.run("grep -rlF -e %s" + " %s" * len(SECRET_FREE_PATHS), password, *SECRET_FREE_PATHS)
+        paths = broker.secret_free_paths
+        found = node.run("grep -rlF -e %s" + " %s" * len(paths), password, *paths)
         assert found.rc == 1, f"{user}'s password in clear text in {found.stdout}"
         # Ansible modules log their arguments to the journal unless no_log hides them.
         logged = node.run("journalctl --no-pager -o cat --until @%s | grep -cF -e %s", str(SESSION_START), password)
         assert logged.stdout.strip() == "0", f"{user}'s password is in the journal"
         digest = hashlib.sha256(password.encode()).hexdigest()
-        assert f"user {user} on #{digest} " in node.file("/etc/redis/users.acl").content_string
-    config = node.file("/etc/redis/redis.conf").content_string
+        assert f"user {user} on #{digest} " in node.file(broker.acl_file).content_string
+    config = node.file(broker.engine["config_file"]).content_string
     assert "requirepass" not in config
     assert "masterauth" not in config
     assert "rename-command" not in config
@@ -289,10 +320,15 @@ def test_redis_listens_on_the_configured_addresses_only(node, broker):
     assert local == sorted(["127.0.0.1", broker.ip])
 
 
-def test_port_is_open_to_the_peer_and_closed_to_others(node, peer, broker):
+def test_port_is_open_to_the_peer_and_closed_to_others(host, node, peer, broker):
     assert tcp_probe(peer, broker.ip, broker.port) == "open"
     # The docker host shares the network but is in no allow-list.
     assert tcp_probe(testinfra.get_host("local://"), broker.ip, broker.port) == "timeout"
+    # Nor is an instance that is not this one's client.
+    peer_name = broker.client.backend.get_hostname()
+    for other in other_hosts(host):
+        if other.backend.get_hostname() != peer_name:
+            assert tcp_probe(direct(other), broker.ip, broker.port) == "timeout", other.backend.get_hostname()
 
 
 def test_plain_text_is_refused_when_tls_is_on(node, peer, broker):
@@ -333,11 +369,13 @@ def test_app_transactions_survive_a_restart(node, peer, broker):
         replies = broker.cli(peer, user="celery", stdin=transaction)
         assert replies.splitlines()[-2:] == ["1", "1"], replies
         restarted = int(time.time())
-        node.check_output("systemctl restart redis-server")
+        node.check_output("systemctl restart %s", broker.engine["server"])
         broker.wait_ready(peer)
         assert broker.as_user(peer, "celery", "HGET", key, "tag") == "message"
         assert broker.as_user(peer, "celery", "ZRANGE", f"{key}-index", "0", "-1") == "tag"
-        log = node.check_output("journalctl -u redis-server --no-pager -o cat --since @%s", str(restarted))
+        log = node.check_output(
+            "journalctl -u %s --no-pager -o cat --since @%s", broker.engine["server"], str(restarted)
+        )
         assert "AOF-loading-client" not in log, "Redis refused part of its append-only file at start"
     finally:
         broker.as_user(peer, "celery", "DEL", key, f"{key}-index")
@@ -345,6 +383,6 @@ def test_app_transactions_survive_a_restart(node, peer, broker):
 
 def test_queued_task_survives_a_restart(node, peer, broker):
     task_id = broker.probe(peer, "send").splitlines()[-1]
-    node.check_output("systemctl restart redis-server")
+    node.check_output("systemctl restart %s", broker.engine["server"])
     broker.wait_ready(peer)
     assert broker.probe(peer, "collect", task_id).splitlines()[-1] == "42"

@@ -20,6 +20,7 @@ from cbk_testlib import (
     e2e_broker,
     mail_tally,
     redis_admin,
+    redis_engine,
     settle_mail,
 )
 
@@ -28,7 +29,7 @@ BROKER = e2e_broker(SCENARIO)
 BACKEND = f"cbk-{SCENARIO}-debian12"  # the signups come from here
 REPORT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "faults" / f"e2e-{BROKER}"
 WORKER_UNITS = "celery-worker@email celery-worker@default celery-worker@priority"
-BROKER_UNIT = {"redis": "redis-server", "rabbitmq": "rabbitmq-server"}[BROKER]
+BROKER_UNIT = {"redis": redis_engine()["server"], "rabbitmq": "rabbitmq-server"}[BROKER]
 SIGNUPS = 60
 SIGNUP_RATE = 15  # per second
 # Long enough for beat to re-send an email whose task was never published (WELCOME_EMAIL_RESEND_AFTER).

@@ -27,6 +27,7 @@ from cbk_testlib import (
     inventory_args,
     mail_tally,
     redis_admin,
+    redis_engine,
     settle_mail,
 )
 from conftest import BACKEND
@@ -253,11 +254,11 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
         host.check_output("systemctl kill --signal=SIGKILL celery-worker@default")  # systemd restarts it
 
     # The old broker does not answer.
-    backend.check_output("systemctl stop redis-server")
+    backend.check_output("systemctl stop %s", redis_engine()["server"])
     try:
         result = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq")
     finally:
-        backend.check_output("systemctl start redis-server")
+        backend.check_output("systemctl start %s", redis_engine()["server"])
     assert result.returncode != 0
     assert "does not answer" in result.stdout and "Nothing was changed" in result.stdout, result.stdout[-2000:]
 
@@ -373,7 +374,7 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
         beside = os.path.dirname(env_file(host))
         drain_settings = host.check_output("find %s -maxdepth 1 -name 'celery-drain*.env'", beside)
         assert not drain_settings, f"drain settings left: {drain_settings}"
-    old_unit = {"redis": "redis-server", "rabbitmq": "rabbitmq-server"}[old]
+    old_unit = {"redis": redis_engine()["server"], "rabbitmq": "rabbitmq-server"}[old]
     assert backend.service(old_unit).is_running == (retire == "keep"), f"celery_broker_retire={retire}"
 
 
