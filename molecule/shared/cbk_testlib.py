@@ -599,10 +599,11 @@ print(json.dumps({"accepted": accepted, "refused": refused}))
 
 # Runs on the mail sink's host: the Message-IDs the sink holds per recipient with a tag (a
 # copy sent again after a crash has the same Message-ID: one message to the recipient).
+# Delivered messages only: Postfix writes each into tmp/ and then moves it to new/.
 MAILDIR_MESSAGES = """
 import collections, email, json, pathlib, sys
 messages = collections.defaultdict(list)
-for path in pathlib.Path(sys.argv[1]).glob("*/*"):
+for path in [*pathlib.Path(sys.argv[1]).glob("new/*"), *pathlib.Path(sys.argv[1]).glob("cur/*")]:
     message = email.message_from_bytes(path.read_bytes())
     if (message["To"] or "").startswith(sys.argv[2] + "-"):
         messages[message["To"]].append(message["Message-ID"])
