@@ -1,7 +1,8 @@
 """The separate project (project/) converged from the installed collection: what was installed
 is the collection alone, at galaxy.yml's version, the project finds it in its own directory only,
 and the roles did their work: the sink takes mail, port 25 is open to the web host that the
-collection's group_networks filter read from the project's inventory."""
+collection's group_networks filter read from the project's inventory, and the project's own
+Django + Celery app (project/ledger, not sample_app) runs its task, whose email lands."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import jinja2
 import yaml
 from cbk_testlib import MAILDIR, galaxy, smtp_send, wait_for_maildir_message
 
@@ -18,6 +20,10 @@ INSTALLED = PROJECT / "collections" / "ansible_collections" / GALAXY["namespace"
 # The project inventory's web host.
 INVENTORY = yaml.safe_load((PROJECT / "inventory" / "hosts.yml").read_text())
 (WEB_HOST_ADDRESS,) = [host["ansible_host"] for host in INVENTORY["all"]["children"]["web"]["hosts"].values()]
+# The project's variables, and the manage command the installed django_app role gives its app.
+PROJECT_VARS = yaml.safe_load((PROJECT / "inventory" / "group_vars" / "all.yml").read_text())
+DJANGO_APP_VARS = yaml.safe_load((INSTALLED / "roles" / "django_app" / "vars" / "main.yml").read_text())
+MANAGE = jinja2.Template(DJANGO_APP_VARS["django_app__manage"]).render(PROJECT_VARS)
 
 
 def test_the_installed_collection_has_galaxy_yml_version():
@@ -66,3 +72,10 @@ def test_port_25_is_open_to_the_inventory_web_host(host):
     ruleset = host.check_output("nft list ruleset")
     (rule,) = [line for line in ruleset.splitlines() if 'comment "mail-sink"' in line]
     assert f"saddr {WEB_HOST_ADDRESS} tcp dport 25 accept" in rule
+
+
+def test_the_projects_task_runs_on_its_worker_and_its_email_lands(host):
+    order = uuid.uuid4().hex
+    send = f"from receipts.tasks import send_receipt; send_receipt.delay({order!r}, 'buyer@example.com')"
+    host.check_output("%s shell -c %s", MANAGE, send)
+    assert wait_for_maildir_message(host, MAILDIR, f"Receipt for order {order}", timeout=60)
