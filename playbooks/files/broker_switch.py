@@ -19,19 +19,26 @@
 # them back in their queue, where the drain workers of the next round run them. Nothing is put
 # back while a worker may still hold the message: it would run twice.
 # The request (new broker URLs, so secret) comes on stdin as JSON; nothing printed carries a password.
+# It also names the project's queues, its Celery apps and the module of the kit's Celery settings
+# (the django_app role's django_app_queues, django_app_celery_app, django_app_celery_hybrid_app
+# and django_app_celery_config_module).
+import importlib
 import json
 import re
 import sys
 import time
 from datetime import datetime, timedelta, timezone
 
+from celery.app.utils import find_app
 from kombu import Connection
 from kombu.exceptions import ChannelError, OperationalError
 
-from myproject.celery import app
-from myproject.celery_config import QUEUE_NAMES, build_celery_config, sentinel_settings
-
 request = json.load(sys.stdin)
+# The app as `celery --app` finds it; the settings builder reaches the old broker with the app's
+# transport and TLS options (connect()).
+app = find_app(request["celery_app"])
+celery_config = importlib.import_module(request["celery_config"])
+build_celery_config, sentinel_settings = celery_config.build_celery_config, celery_config.sentinel_settings
 # The mailbox publishes through the app's producer pool, on the broker of the app's settings
 # (the new one once the switch has written them), whatever connection inspect is given, while
 # the replies are awaited on that connection: the old broker's workers never heard the
@@ -65,10 +72,14 @@ def safe(url):
 
 old = read_env(request["env_file"])
 old_hybrid_url = old.get("CELERY_HYBRID_BROKER_URL") or None
-old_hybrid_queues = [q for q in old.get("CELERY_HYBRID_QUEUES", "").split(",") if q] or ["analytics"]
+# django_app writes CELERY_HYBRID_QUEUES whenever it writes a hybrid broker URL; a file without
+# it (written by hand, or by an older kit) gets the inventory's list of hybrid queues, the one
+# hybrid mode uses (and had used, unless the inventory changed it since).
+old_hybrid_queues = [q for q in old.get("CELERY_HYBRID_QUEUES", "").split(",") if q]
+old_hybrid_queues = old_hybrid_queues or request["inventory_hybrid_queues"]
 new_hybrid_queues = request["hybrid_queues"]
 moving = {}  # queue -> old broker URL
-for queue in QUEUE_NAMES:
+for queue in request["queues"]:
     was = broker_of(queue, old["CELERY_BROKER_URL"], old_hybrid_url, old_hybrid_queues)
     now = broker_of(queue, request["broker_url"], request["hybrid_broker_url"], new_hybrid_queues)
     if was != now:
@@ -210,7 +221,10 @@ if request["mode"] == "report":
                 # its old broker, and those of its queues that move.
                 "drain_workers": {
                     name: {"app": module, "queues": queues}
-                    for name, module, hybrid in (("main", "myproject", False), ("hybrid", "myproject.celery_hybrid", True))
+                    for name, module, hybrid in (
+                        ("main", request["celery_app"], False),
+                        ("hybrid", request["hybrid_app"], True),
+                    )
                     if (queues := sorted(q for q, (was, _) in moving.items() if (was == old_hybrid_url) == hybrid))
                 },
                 "waiting": waiting,

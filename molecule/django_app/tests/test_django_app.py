@@ -306,6 +306,14 @@ def test_release_venv_uses_the_hosts_python_and_its_wheels(host):
     assert "sample-app==1.0.0" in freeze or "sample_app==1.0.0" in freeze
 
 
+def test_project_check_refused_a_missing_wsgi_module_before_any_change(side_effect):
+    assert side_effect["project_check_passed"] is False
+    message = " ".join(side_effect["project_check_messages"])
+    assert "django_app_wsgi_app is myproject.missing_wsgi:application" in message
+    assert "myproject/missing_wsgi.py" in message
+    assert side_effect["refused_current"] == side_effect["converged"]
+
+
 def test_release_b_replaced_the_converged_release(side_effect):
     assert side_effect["release_b"] != side_effect["converged"]
     assert side_effect["release_b_changed"] is True

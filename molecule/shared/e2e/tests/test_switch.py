@@ -28,6 +28,7 @@ from cbk_testlib import (
     mail_tally,
     redis_admin,
     redis_engine,
+    scenario_setting,
     settle_mail,
 )
 from conftest import BACKEND
@@ -407,8 +408,10 @@ def test_hybrid_mode(backend, front, site, probe_address):
     counts = wait_for_runs(hosts, events, since)
 
     # Which queues the workers of each app consume, asked through that app's broker.
+    main_app = scenario_setting("django_app", "django_app_celery_app")
+    hybrid_app = scenario_setting("django_app", "django_app_celery_hybrid_app")
     consumers = {}
-    for module in ("myproject", "myproject.celery_hybrid"):
+    for module in (main_app, hybrid_app):
         out = backend.check_output(
             "CELERY_APP_MODULE=%s /usr/local/sbin/sample_app-celery inspect active_queues --json --timeout=5", module
         )
@@ -438,6 +441,6 @@ def test_hybrid_mode(backend, front, site, probe_address):
         "analytics on Redis": len(events) + accepted,  # each signup also records a "signup" event
         "analytics on RabbitMQ": 0,
     }
-    assert consumers == {"myproject": ["analytics", "celery"], "myproject.celery_hybrid": ["email", "priority"]}
+    assert consumers == {main_app: ["analytics", "celery"], hybrid_app: ["email", "priority"]}
     assert not lost and not twice and not resent
     assert all(n == 1 for n in counts.values()), counts
