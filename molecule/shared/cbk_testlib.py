@@ -207,18 +207,53 @@ def redis_engine(variables=None):
     return role_defaults("redis", "vars")["redis__engines"][redis_engine_name(variables)]
 
 
-def redis_admin(host, *command, engine=None):
-    """A cli command (redis-cli, valkey-cli) as the Redis role's admin user (password through
-    the environment, which both read), over the role's local socket, which serves with and
-    without TLS. engine: the host's redis_engine entry, else the role's default engine."""
+# The redis role's ACL users, by the variable that holds each one's password.
+REDIS_PASSWORD_VARIABLES = {
+    "celery": "redis_app_password",
+    "admin": "redis_admin_password",
+    "monitor": "redis_monitor_password",
+    "replica": "redis_replication_password",
+    "sentinel": "redis_sentinel_password",
+    "celery-sentinel": "redis_sentinel_client_password",
+}
+
+
+def redis_password(user):
+    """The scenario's password for one of the redis role's ACL users."""
+    return scenario_variables()[REDIS_PASSWORD_VARIABLES[user]]
+
+
+def redis_cli(
+    client, *command, user=None, password=None, server=None, port=None, tls=False, ca=None, engine=None, lines=(), check=False
+):
+    """The cli (redis-cli, valkey-cli) of engine (the client's redis_engine entry, else the role's
+    default engine) run on client: against server:port, over TLS with tls (trusting ca, else the
+    client's trust store), or without server over the role's local socket, which serves with and
+    without TLS. As user when given, with the scenario's password for that user unless password
+    says another, through the environment (which both clis read). With lines instead of a command,
+    the cli runs them, one command each, on one connection. With check, the exit code must be 0 and
+    stdout is returned; else stdout and stderr together (error replies, refused connections)."""
     engine = engine or redis_engine()
-    return host.check_output(
-        "REDISCLI_AUTH=%s %s -s %s --user admin --no-auth-warning " + " ".join(["%s"] * len(command)),
-        scenario_variables()["redis_admin_password"],
-        engine["cli"],
-        engine["socket"],
-        *command,
-    )
+    command_line = ["timeout", "10", engine["cli"], "--no-auth-warning"]
+    command_line += ["-h", server, "-p", str(port)] if server else ["-s", engine["socket"]]
+    if tls:
+        command_line += ["--tls"] + (["--cacert", ca] if ca else [])
+    if user:
+        command_line += ["--user", user]
+        password = redis_password(user) if password is None else password
+    if password is not None:
+        command_line = ["env", f"REDISCLI_AUTH={password}", *command_line]
+    feed = "printf '%%s\\n' " + " ".join(["%s"] * len(lines)) + " | " if lines else ""
+    shell = feed + " ".join(["%s"] * len(command_line + list(command)))
+    if check:
+        return client.check_output(shell, *lines, *command_line, *command)
+    result = client.run(shell, *lines, *command_line, *command)
+    return (result.stdout + result.stderr).strip()
+
+
+def redis_admin(host, *command):
+    """A cli command on host as the Redis role's admin user over its local socket: its stdout."""
+    return redis_cli(host, *command, user="admin", check=True)
 
 
 def e2e_broker(scenario):
