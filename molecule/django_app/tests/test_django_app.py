@@ -11,15 +11,20 @@ from urllib.parse import urlencode
 
 import pytest
 import testinfra
-from cbk_testlib import address, app_env_file, host_variable, http_request, scenario_setting, tcp_probe
+from cbk_testlib import MANAGE, address, app_env_file, host_variable, http_request, scenario_setting, tcp_probe
 
-APP = "sample_app"
-ROOT = f"/srv/{APP}"
-CURRENT = f"{ROOT}/current"
-SOCKET = f"/run/{APP}/gunicorn.sock"
-SERVICE = f"{APP}.service"
+# The app's user, paths and unit as the scenario deploys them (its variables, else the role's).
+APP_USER = scenario_setting("django_app", "django_app_user")
+ROOT = scenario_setting("django_app", "django_app_root")
+CURRENT = scenario_setting("django_app", "django_app__current")
+STATE_DIR = scenario_setting("django_app", "django_app_state_dir")
+SOCKET = scenario_setting("django_app", "django_app_gunicorn_socket")
+SERVICE = scenario_setting("django_app", "django_app__service")
+RELEASE_MARKERS = [
+    scenario_setting("django_app", f"django_app__{step}_marker") for step in ("installed", "migrated", "collected")
+]
+KEEP_RELEASES = scenario_setting("django_app", "django_app_keep_releases")
 SIDE_EFFECT_RECORD = "/var/tmp/django_app_side_effect.json"
-KEEP_RELEASES = 2  # molecule.yml
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +211,7 @@ def test_environment_file_is_readable_by_root_and_the_app_group_only(host):
     assert env.group == host_variable(name, "django_app_group", ("django_app",))
     assert env.mode == 0o640
     assert host.run("runuser -u nobody -- cat %s", env_file).rc != 0
-    assert host.run("runuser -u %s -- cat %s", APP, env_file).rc == 0
+    assert host.run("runuser -u %s -- cat %s", APP_USER, env_file).rc == 0
 
 
 def test_secret_with_shell_and_systemd_metacharacters_reaches_django_intact(host):
@@ -221,7 +226,7 @@ def test_secret_with_shell_and_systemd_metacharacters_reaches_django_intact(host
     # As sh reads it: the manage command.
     seen = host.check_output(
         "%s shell -c %s",
-        f"/usr/local/sbin/{APP}-manage",
+        MANAGE,
         "import hashlib; from django.conf import settings; "
         "print(hashlib.sha256(settings.SECRET_KEY.encode()).hexdigest())",
     )
@@ -233,7 +238,7 @@ def test_gunicorn_runs_as_the_app_user(host):
     pids = [pid] + [int(p) for p in host.check_output("pgrep -P %s", str(pid)).split()]
     assert len(pids) >= 3  # master and the two workers of molecule.yml
     for each in pids:
-        assert host.check_output("ps -o user= -p %s", str(each)).strip() == APP
+        assert host.check_output("ps -o user= -p %s", str(each)).strip() == APP_USER
 
 
 def test_gunicorn_is_sandboxed(host):
@@ -247,7 +252,7 @@ def test_gunicorn_is_sandboxed(host):
         denied = host.run(inside + "touch %s", pid, path)
         assert denied.rc != 0 and "Read-only file system" in denied.stderr, path
     # ...except the state directory.
-    probe = f"/var/lib/{APP}/probe"
+    probe = f"{STATE_DIR}/probe"
     assert host.run(inside + "touch %s", pid, probe).rc == 0
     host.check_output(inside + "rm %s", pid, probe)
     # ProtectHome: /root is empty there; PrivateTmp: a file in the host's /tmp is not there.
@@ -289,9 +294,9 @@ def test_restart_under_traffic_drops_no_request(host, ip):
 
 def test_migrations_and_static_files_ran_for_the_current_release(host):
     release = host.file(CURRENT).linked_to
-    for marker in (".installed", ".migrated", ".collected-static"):
+    for marker in RELEASE_MARKERS:
         assert host.file(f"{release}/{marker}").exists, marker
-    assert "[X] 0001_initial" in host.check_output(f"/usr/local/sbin/{APP}-manage showmigrations users")
+    assert "[X] 0001_initial" in host.check_output("%s showmigrations users", MANAGE)
 
 
 def test_release_venv_uses_the_hosts_python_and_its_wheels(host):
