@@ -41,7 +41,7 @@ def get(host, path, ip, **kwargs):
     """A request through nginx on the instance itself, with the instance's address as Host, as
     the load balancer in front (django_app_https) passes on what it received over HTTPS."""
     headers = {"Host": ip, "X-Forwarded-Proto": "https", **kwargs.pop("headers", {})}
-    return http_request(host, "127.0.0.1", 80, path, headers=headers, **kwargs)
+    return http_request(host, f"http://127.0.0.1{path}", headers=headers, **kwargs)
 
 
 def main_pid(host):
@@ -75,7 +75,7 @@ def test_signup_page_through_nginx_has_security_headers_once(host, ip):
 
 
 def test_root_redirects_to_the_signup_page(host, ip):
-    response = get(host, "/", ip)
+    response = get(host, "/", ip, expect=None)
     assert response.status == 302
     assert response.header("Location") == ["/signup/"]
 
@@ -88,14 +88,14 @@ def test_behind_the_load_balancer_https_is_strict_and_http_is_redirected(host, i
     cookies = secure.header("Set-Cookie")
     assert cookies and all("Secure" in cookie for cookie in cookies), cookies
     # What the balancer received over plain HTTP: Django sends it to HTTPS, without HSTS.
-    plain = get(host, "/signup/?next=x", ip, headers={"X-Forwarded-Proto": "http"})
+    plain = get(host, "/signup/?next=x", ip, headers={"X-Forwarded-Proto": "http"}, expect=None)
     assert plain.status == 301
     assert plain.header("Location") == [f"https://{ip}/signup/?next=x"]
     assert plain.header("Strict-Transport-Security") == []
 
 
 def test_unknown_host_header_is_refused(host):
-    response = http_request(host, "127.0.0.1", 80, "/signup/", headers={"Host": "evil.example.com"})
+    response = http_request(host, "http://127.0.0.1/signup/", headers={"Host": "evil.example.com"}, expect=None)
     assert response.status == 400
 
 
@@ -105,7 +105,7 @@ def test_api_signup_creates_user_then_refuses_duplicate(host, ip):
     created = get(host, "/api/signup/", ip, method="POST", headers=headers, body=json.dumps(payload))
     assert created.status == 201, created.body
     assert created.json()["username"] == payload["username"]
-    duplicate = get(host, "/api/signup/", ip, method="POST", headers=headers, body=json.dumps(payload))
+    duplicate = get(host, "/api/signup/", ip, method="POST", headers=headers, body=json.dumps(payload), expect=None)
     assert duplicate.status == 400
     errors = duplicate.json()["errors"]
     assert errors["username"][0]["code"] == "unique"
@@ -141,7 +141,7 @@ def test_html_signup_form_with_csrf_cookie_and_token(host, ip):
         "Cookie": f"csrftoken={cookies['csrftoken']}",
         "Origin": f"https://{ip}",
     }
-    posted = get(host, "/signup/", ip, method="POST", headers=headers, body=form)
+    posted = get(host, "/signup/", ip, method="POST", headers=headers, body=form, expect=None)
     assert posted.status == 302, posted.body
     assert posted.header("Location") == ["/signup/done/"]
     session = "; ".join(c.split(";")[0] for c in posted.header("Set-Cookie"))
@@ -153,7 +153,7 @@ def test_html_signup_form_with_csrf_cookie_and_token(host, ip):
 def test_html_signup_without_csrf_token_is_forbidden(host, ip):
     form = urlencode(signup_payload())
     posted = get(host, "/signup/", ip, method="POST",
-                 headers={"Content-Type": "application/x-www-form-urlencoded"}, body=form)
+                 headers={"Content-Type": "application/x-www-form-urlencoded"}, body=form, expect=None)
     assert posted.status == 403
 
 
@@ -170,8 +170,8 @@ def test_static_files_are_served_by_nginx_with_cache_headers(host, ip):
     assert response.header("Expires")
     assert response.body == host.file(f"{CURRENT}/static/users/site.css").content_string
     # gunicorn itself does not serve it (DEBUG is off): nginx did.
-    direct = http_request(host, None, None, "/static/users/site.css",
-                          headers={"Host": ip, "X-Forwarded-Proto": "https"}, unix_socket=SOCKET, user="www-data")
+    direct = http_request(host, "http://localhost/static/users/site.css", headers={"Host": ip, "X-Forwarded-Proto": "https"},
+                          unix_socket=SOCKET, user="www-data", expect=None)
     assert direct.status == 404
 
 
@@ -190,7 +190,7 @@ def test_gunicorn_listens_on_a_unix_socket_only_nginx_may_use(host):
 
 def test_only_nginx_port_is_reachable_from_the_peer(host, peer, ip):
     assert tcp_probe(peer, ip, 80) == "open"
-    response = http_request(peer, ip, 80, "/healthz", headers={"Host": ip})
+    response = http_request(peer, f"http://{ip}/healthz", headers={"Host": ip})
     assert response.status == 200
     # Gunicorn's usual port: nothing there, and the firewall drops it anyway.
     assert tcp_probe(peer, ip, 8000) == "timeout"
