@@ -143,7 +143,11 @@ def scenario_setting(role, name):
     import jinja2.meta
 
     role_vars = role_defaults(role, "vars") or {}
-    value = role_vars[name] if name in role_vars else scenario_variables().get(name, role_defaults(role)[name])
+    if name in role_vars:
+        value = role_vars[name]
+    else:
+        # Not .get() with the default: a required variable (django_app_broker_url) has none.
+        value = scenario_variables()[name] if name in scenario_variables() else role_defaults(role)[name]
     if not (isinstance(value, str) and "{{" in value):
         return value
     template = jinja2.Environment(undefined=jinja2.StrictUndefined)

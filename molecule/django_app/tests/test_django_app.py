@@ -7,11 +7,20 @@ import hashlib
 import json
 import re
 import uuid
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 import testinfra
-from cbk_testlib import MANAGE, address, app_env_file, host_variable, http_request, scenario_setting, tcp_probe
+from cbk_testlib import (
+    MANAGE,
+    address,
+    app_env_file,
+    host_variable,
+    http_request,
+    redis_cli,
+    scenario_setting,
+    tcp_probe,
+)
 
 # The app's user, paths and unit as the scenario deploys them (its variables, else the role's).
 APP_USER = scenario_setting("django_app", "django_app_user")
@@ -25,6 +34,7 @@ RELEASE_MARKERS = [
 ]
 KEEP_RELEASES = scenario_setting("django_app", "django_app_keep_releases")
 SIDE_EFFECT_RECORD = "/var/tmp/django_app_side_effect.json"
+BROKER = urlsplit(scenario_setting("django_app", "django_app_broker_url"))
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +123,11 @@ def test_api_signup_creates_user_then_refuses_duplicate(host, ip):
 
 
 def queued_emails(host):
-    """Messages waiting in the Redis lists of Celery's `email` queue (one list per priority)."""
-    keys = host.check_output("redis-cli --scan --pattern 'email*'").split()
-    return sum(int(host.check_output("redis-cli llen %s", key)) for key in keys)
+    """Messages waiting in the Redis lists of Celery's `email` queue (one list per priority), in
+    the stock Redis of the scenario's broker URL."""
+    broker = {"server": BROKER.hostname, "port": BROKER.port, "check": True}
+    keys = redis_cli(host, "--scan", "--pattern", "email*", **broker).split()
+    return sum(int(redis_cli(host, "LLEN", key, **broker)) for key in keys)
 
 
 def test_signup_publishes_the_welcome_email_task_to_redis(host, ip):
