@@ -231,15 +231,16 @@ def redis_cli(
     client, *command, user=None, password=None, server=None, port=None, tls=False, ca=None, engine=None, lines=(), check=False
 ):
     """The cli (redis-cli, valkey-cli) of engine (the client's redis_engine entry, else the role's
-    default engine) run on client: against server:port, over TLS with tls (trusting ca, else the
-    client's trust store), or without server over the role's local socket, which serves with and
-    without TLS. As user when given, with the scenario's password for that user unless password
-    says another, through the environment (which both clis read). With lines instead of a command,
-    the cli runs them, one command each, on one connection. With check, the exit code must be 0 and
-    stdout is returned; else stdout and stderr together (error replies, refused connections)."""
+    default engine) run on client: against server (at port, else the cli's default port), over TLS
+    with tls (trusting ca, else the client's trust store), or without server over the role's local
+    socket, which serves with and without TLS. As user when given, with the scenario's password for
+    that user unless password says another, through the environment (which both clis read). With
+    lines instead of a command, the cli runs them, one command each, on one connection. With check,
+    the exit code must be 0 and stdout is returned; else stdout and stderr together (error replies,
+    refused connections)."""
     engine = engine or redis_engine()
     command_line = ["timeout", "10", engine["cli"], "--no-auth-warning"]
-    command_line += ["-h", server, "-p", str(port)] if server else ["-s", engine["socket"]]
+    command_line += ["-h", server] + (["-p", str(port)] if port else []) if server else ["-s", engine["socket"]]
     if tls:
         command_line += ["--tls"] + (["--cacert", ca] if ca else [])
     if user:
