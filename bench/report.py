@@ -48,7 +48,7 @@ def markdown(results, seconds):
         + "; ".join(f"{b} {celery[b]['loadavg_before']} -> {celery[b]['loadavg_after']}" for b in BROKERS)
         + ". Above 2 the cores were shared with other work and every figure is lower than on an idle machine.",
         "",
-        "Kit = the sandbox's deployed worker instance (`/etc/sample_app/celery-worker-*.env`) with the app's",
+        "Kit = the sandbox's deployed worker instance (`celery-worker-*.env` beside django_app_env_file) with the app's",
         "Celery settings (`myproject.celery_config`); defaults = a bare `Celery(broker=URL)`, prefork pool,",
         "concurrency = cores. Throughput is end to end: first task sent to last task finished, bursts",
         "sent by 4 publisher threads (like several web processes). Latency is sent to finished.",

@@ -143,7 +143,11 @@ def scenario_setting(role, name):
     import jinja2.meta
 
     role_vars = role_defaults(role, "vars") or {}
-    value = role_vars[name] if name in role_vars else scenario_variables().get(name, role_defaults(role)[name])
+    if name in role_vars:
+        value = role_vars[name]
+    else:
+        # Not .get() with the default: a required variable (django_app_broker_url) has none.
+        value = scenario_variables()[name] if name in scenario_variables() else role_defaults(role)[name]
     if not (isinstance(value, str) and "{{" in value):
         return value
     template = jinja2.Environment(undefined=jinja2.StrictUndefined)
@@ -207,18 +211,54 @@ def redis_engine(variables=None):
     return role_defaults("redis", "vars")["redis__engines"][redis_engine_name(variables)]
 
 
-def redis_admin(host, *command, engine=None):
-    """A cli command (redis-cli, valkey-cli) as the Redis role's admin user (password through
-    the environment, which both read), over the role's local socket, which serves with and
-    without TLS. engine: the host's redis_engine entry, else the role's default engine."""
+# The redis role's ACL users, by the variable that holds each one's password.
+REDIS_PASSWORD_VARIABLES = {
+    "celery": "redis_app_password",
+    "admin": "redis_admin_password",
+    "monitor": "redis_monitor_password",
+    "replica": "redis_replication_password",
+    "sentinel": "redis_sentinel_password",
+    "celery-sentinel": "redis_sentinel_client_password",
+}
+
+
+def redis_password(user):
+    """The scenario's password for one of the redis role's ACL users."""
+    return scenario_variables()[REDIS_PASSWORD_VARIABLES[user]]
+
+
+def redis_cli(
+    client, *command, user=None, password=None, server=None, port=None, tls=False, ca=None, engine=None, lines=(), check=False
+):
+    """The cli (redis-cli, valkey-cli) of engine (the client's redis_engine entry, else the role's
+    default engine) run on client: against server (at port, else the cli's default port), over TLS
+    with tls (trusting ca, else the client's trust store), or without server over the role's local
+    socket, which serves with and without TLS. As user when given, with the scenario's password for
+    that user unless password says another, through the environment (which both clis read). With
+    lines instead of a command, the cli runs them, one command each, on one connection. With check,
+    the exit code must be 0 and stdout is returned; else stdout and stderr together (error replies,
+    refused connections)."""
     engine = engine or redis_engine()
-    return host.check_output(
-        "REDISCLI_AUTH=%s %s -s %s --user admin --no-auth-warning " + " ".join(["%s"] * len(command)),
-        scenario_variables()["redis_admin_password"],
-        engine["cli"],
-        engine["socket"],
-        *command,
-    )
+    command_line = ["timeout", "10", engine["cli"], "--no-auth-warning"]
+    command_line += ["-h", server] + (["-p", str(port)] if port else []) if server else ["-s", engine["socket"]]
+    if tls:
+        command_line += ["--tls"] + (["--cacert", ca] if ca else [])
+    if user:
+        command_line += ["--user", user]
+        password = redis_password(user) if password is None else password
+    if password is not None:
+        command_line = ["env", f"REDISCLI_AUTH={password}", *command_line]
+    feed = "printf '%%s\\n' " + " ".join(["%s"] * len(lines)) + " | " if lines else ""
+    shell = feed + " ".join(["%s"] * len(command_line + list(command)))
+    if check:
+        return client.check_output(shell, *lines, *command_line, *command)
+    result = client.run(shell, *lines, *command_line, *command)
+    return (result.stdout + result.stderr).strip()
+
+
+def redis_admin(host, *command):
+    """A cli command on host as the Redis role's admin user over its local socket: its stdout."""
+    return redis_cli(host, *command, user="admin", check=True)
 
 
 def e2e_broker(scenario):
@@ -376,7 +416,7 @@ def wait_for_maildir_message(host, maildir, needle, timeout=60):
 
 
 HTTP_REQUEST = (
-    "import http.client, json, socket, sys\n"
+    "import http.client, json, socket, ssl, sys\n"
     "req = json.loads(sys.argv[1])\n"
     "class UnixHTTPConnection(http.client.HTTPConnection):\n"
     "    def connect(self):\n"
@@ -386,19 +426,24 @@ HTTP_REQUEST = (
     "if req['unix_socket']:\n"
     "    conn = UnixHTTPConnection('localhost', timeout=req['timeout'])\n"
     "elif req['https']:\n"
-    "    conn = http.client.HTTPSConnection(req['address'], req['port'], timeout=req['timeout'])\n"
+    "    context = ssl.create_default_context(cafile=req['cafile'])\n"
+    "    conn = http.client.HTTPSConnection(req['host'], req['port'], timeout=req['timeout'], context=context)\n"
     "else:\n"
-    "    conn = http.client.HTTPConnection(req['address'], req['port'], timeout=req['timeout'])\n"
+    "    conn = http.client.HTTPConnection(req['host'], req['port'], timeout=req['timeout'])\n"
     "body = req['body'].encode() if req['body'] is not None else None\n"
-    "conn.request(req['method'], req['path'], body=body, headers=req['headers'])\n"
-    "resp = conn.getresponse()\n"
-    "print(json.dumps({'status': resp.status, 'headers': resp.getheaders(),\n"
-    "                  'body': resp.read().decode('utf-8', 'replace')}))\n"
+    "try:\n"
+    "    conn.request(req['method'], req['path'], body=body, headers=req['headers'])\n"
+    "    resp = conn.getresponse()\n"
+    "    answer = {'status': resp.status, 'headers': resp.getheaders(), 'body': resp.read().decode('utf-8', 'replace')}\n"
+    "except Exception as exc:\n"
+    "    answer = {'status': None, 'headers': [], 'body': f'{type(exc).__name__}: {exc}'}\n"
+    "print(json.dumps(answer))\n"
 )
 
 
 class HTTPResponse:
-    """Status, headers (every occurrence kept) and text body of one response."""
+    """Status, headers (every occurrence kept) and text body of one response; status None when
+    no response came (the body then names the error: refused, TLS handshake failed, ...)."""
 
     def __init__(self, status, headers, body):
         self.status, self.headers, self.body = status, headers, body
@@ -408,47 +453,55 @@ class HTTPResponse:
         return [value for key, value in self.headers if key.lower() == name.lower()]
 
     def json(self):
-        import json
-
         return json.loads(self.body)
 
 
 def http_request(
     client,
-    address,
-    port,
-    path,
+    url,
     method="GET",
     headers=None,
     body=None,
+    auth=None,
     unix_socket=None,
     user=None,
-    timeout=10,
-    https=False,
+    cafile=None,
+    timeout=15,
+    expect=range(200, 300),
 ):
-    """One HTTP/1.1 request sent from client with python3's http.client (no redirects followed),
-    over TCP to address:port (with https, over TLS verified against the client's trust store)
-    or over the unix socket unix_socket, optionally as user."""
-    import json
+    """One HTTP/1.1 request to url sent from client with python3's http.client (no redirects
+    followed): an https URL over TLS verified against cafile, else the client's trust store; with
+    unix_socket, over that socket instead; optionally run as user. auth: (user, password) for
+    basic authentication. The response's status must be expect (a status or several), else the
+    test fails naming what came; expect=None: whatever came, for the caller to check (status None
+    when no response came)."""
+    from urllib.parse import urlsplit
 
+    target = urlsplit(url)
+    headers = dict(headers or {})
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
     request = json.dumps(
         {
-            "address": address,
-            "port": port,
-            "path": path,
+            "host": target.hostname,
+            "port": target.port or (443 if target.scheme == "https" else 80),
+            "https": target.scheme == "https",
+            "path": target.path + (f"?{target.query}" if target.query else ""),
             "method": method,
-            "headers": headers or {},
+            "headers": headers,
             "body": body,
             "unix_socket": unix_socket,
+            "cafile": cafile,
             "timeout": timeout,
-            "https": https,
         }
     )
-    if user:
-        out = client.check_output("runuser -u %s -- python3 -c %s %s", user, HTTP_REQUEST, request)
-    else:
-        out = client.check_output("python3 -c %s %s", HTTP_REQUEST, request)
-    return HTTPResponse(**json.loads(out))
+    prefix, as_user = ("runuser -u %s -- ", [user]) if user else ("", [])
+    out = client.check_output(prefix + "python3 -c %s %s", *as_user, HTTP_REQUEST, request)
+    response = HTTPResponse(**json.loads(out))
+    if expect is not None:
+        expected = [expect] if isinstance(expect, int) else list(expect)
+        assert response.status in expected, f"{method} {url}: {response.status} {response.body[:500]}"
+    return response
 
 
 def direct(host):
@@ -460,29 +513,6 @@ def direct(host):
     if variables.get("ansible_connection") in ("docker", "community.docker.docker"):
         return testinfra.get_host(f"docker://{variables.get('ansible_host', name)}")
     return host
-
-
-HTTP_GET = (
-    "import base64, sys, urllib.error, urllib.request\n"
-    "req = urllib.request.Request(sys.argv[1])\n"
-    "if len(sys.argv) > 3:\n"
-    "    token = base64.b64encode(f'{sys.argv[2]}:{sys.argv[3]}'.encode()).decode()\n"
-    "    req.add_header('Authorization', 'Basic ' + token)\n"
-    "try:\n"
-    "    resp = urllib.request.urlopen(req, timeout=15)\n"
-    "    status, body = resp.status, resp.read()\n"
-    "except urllib.error.HTTPError as err:\n"
-    "    status, body = err.code, err.read()\n"
-    "sys.stdout.write(f'{status}\\n' + body.decode(errors='replace'))\n"
-)
-
-
-def http_get(client, url, user=None, password=None):
-    """(status, body) of a GET from client, with basic auth when user is given."""
-    auth = [user, password] if user is not None else []
-    out = client.check_output("python3 -c %s %s" + " %s" * len(auth), HTTP_GET, url, *auth)
-    status, _, body = out.partition("\n")
-    return int(status), body
 
 
 def systemd_seconds(value):

@@ -4,7 +4,8 @@
 # with PostgreSQL as the database (SQLite would serialise the senders on its write lock).
 # Runs inside a converged celery_worker instance, as root:
 #   docker cp molecule/celery_worker/bench cbk-celery_worker-debian12:/root/bench
-#   docker exec cbk-celery_worker-debian12 sh /root/bench/pool_bench.sh 200 0.1 "prefork:2 threads:16"
+#   docker exec cbk-celery_worker-debian12 sh /root/bench/pool_bench.sh 200 0.1 "prefork:2 threads:16" ENV_FILE
+# where ENV_FILE is the instance's django_app_env_file (the app's settings, copied for the bench).
 # Prints one line per configuration: pool, concurrency, wall seconds (enqueue to last mail),
 # drain seconds (first to last mail sent), mails/s while draining, worker RSS (MB, all
 # processes) and worker CPU milliseconds per mail (main process and pool children).
@@ -13,6 +14,8 @@ set -eu
 N=${1:-200}
 DELAY=${2:-0.1}
 CONFIGS=${3:-"prefork:2 prefork:4 prefork:8 threads:8 threads:16 threads:32"}
+ENV_FILE=${4:?"the instance's django_app_env_file, as the 4th argument"}
+BENCH_ENV="$(dirname "$ENV_FILE")/bench.env"
 HERE=$(dirname "$(readlink -f "$0")")
 PSQL="runuser -u postgres -- psql -qtAX -d bench"
 
@@ -27,12 +30,12 @@ runuser -u postgres -- psql -qtAX -c "SELECT 1 FROM pg_database WHERE datname='b
 
 # The app's settings with the bench database and SMTP server.
 sed -e 's|^DATABASE_URL=.*|DATABASE_URL="postgres://sample_app:bench-only@127.0.0.1:5432/bench"|' \
-    -e 's|^EMAIL_PORT=.*|EMAIL_PORT="2525"|' /etc/sample_app/env > /etc/sample_app/bench.env
-chown root:sample_app /etc/sample_app/bench.env
-chmod 0640 /etc/sample_app/bench.env
+    -e 's|^EMAIL_PORT=.*|EMAIL_PORT="2525"|' "$ENV_FILE" > "$BENCH_ENV"
+chown --reference="$ENV_FILE" "$BENCH_ENV"
+chmod --reference="$ENV_FILE" "$BENCH_ENV"
 release=$(readlink -f /srv/sample_app/current)
 as_app() {
-    (set -a; . /etc/sample_app/bench.env; set +a; cd "$release"
+    (set -a; . "$BENCH_ENV"; set +a; cd "$release"
      exec setpriv --reuid=sample_app --regid=sample_app --init-groups "$@")
 }
 as_app "$release/venv/bin/python" -m django migrate --noinput >/dev/null
@@ -57,7 +60,7 @@ for config in $CONFIGS; do
     $PSQL -c "TRUNCATE users_welcomeemail"
     as_app "$release/venv/bin/celery" --app=myproject purge -f -Q email >/dev/null
     systemd-run --quiet --unit=bench-worker --collect --uid=sample_app --gid=sample_app \
-        --working-directory="$release" --property=EnvironmentFile=/etc/sample_app/bench.env \
+        --working-directory="$release" --property=EnvironmentFile="$BENCH_ENV" \
         -- "$release/venv/bin/celery" --app=myproject worker --hostname="bench@%h" --queues=email \
         --pool="$pool" --concurrency="$concurrency" --loglevel=WARNING
     tries=0

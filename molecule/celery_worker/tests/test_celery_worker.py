@@ -14,7 +14,7 @@ from cbk_testlib import (
     address,
     app_env_file,
     host_variable,
-    http_get,
+    http_request,
     scenario_setting,
     systemd_seconds,
     tcp_probe,
@@ -197,13 +197,11 @@ def test_flower_needs_credentials_and_shows_the_workers(host, peer, is_main, nod
     if not is_main:
         pytest.skip("Flower runs on the first worker host")
     base = f"http://{address(host)}:5555"
-    assert http_get(peer, f"{base}/api/workers")[0] == 401
-    assert http_get(peer, f"{base}/api/workers", FLOWER_USER, "wrong-password-123456")[0] == 401
-    status, body = http_get(peer, f"{base}/api/workers?refresh=1", FLOWER_USER, FLOWER_PASSWORD)
-    assert status == 200
-    assert sorted(json.loads(body)) == sorted(f"{name}@{nodename}" for name in EXPECTED)
-    status, page = http_get(peer, f"{base}/workers", FLOWER_USER, FLOWER_PASSWORD)
-    assert status == 200 and "Flower" in page
+    assert http_request(peer, f"{base}/api/workers", expect=None).status == 401
+    assert http_request(peer, f"{base}/api/workers", auth=(FLOWER_USER, "wrong-password-123456"), expect=None).status == 401
+    workers = http_request(peer, f"{base}/api/workers?refresh=1", auth=(FLOWER_USER, FLOWER_PASSWORD), expect=200).json()
+    assert sorted(workers) == sorted(f"{name}@{nodename}" for name in EXPECTED)
+    assert "Flower" in http_request(peer, f"{base}/workers", auth=(FLOWER_USER, FLOWER_PASSWORD), expect=200).body
 
 
 def test_flower_port_is_dropped_for_hosts_outside_the_allow_list(host, is_main):

@@ -7,19 +7,34 @@ import hashlib
 import json
 import re
 import uuid
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import pytest
 import testinfra
-from cbk_testlib import address, app_env_file, host_variable, http_request, scenario_setting, tcp_probe
+from cbk_testlib import (
+    MANAGE,
+    address,
+    app_env_file,
+    host_variable,
+    http_request,
+    redis_cli,
+    scenario_setting,
+    tcp_probe,
+)
 
-APP = "sample_app"
-ROOT = f"/srv/{APP}"
-CURRENT = f"{ROOT}/current"
-SOCKET = f"/run/{APP}/gunicorn.sock"
-SERVICE = f"{APP}.service"
+# The app's user, paths and unit as the scenario deploys them (its variables, else the role's).
+APP_USER = scenario_setting("django_app", "django_app_user")
+ROOT = scenario_setting("django_app", "django_app_root")
+CURRENT = scenario_setting("django_app", "django_app__current")
+STATE_DIR = scenario_setting("django_app", "django_app_state_dir")
+SOCKET = scenario_setting("django_app", "django_app_gunicorn_socket")
+SERVICE = scenario_setting("django_app", "django_app__service")
+RELEASE_MARKERS = [
+    scenario_setting("django_app", f"django_app__{step}_marker") for step in ("installed", "migrated", "collected")
+]
+KEEP_RELEASES = scenario_setting("django_app", "django_app_keep_releases")
 SIDE_EFFECT_RECORD = "/var/tmp/django_app_side_effect.json"
-KEEP_RELEASES = 2  # molecule.yml
+BROKER = urlsplit(scenario_setting("django_app", "django_app_broker_url"))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +51,7 @@ def get(host, path, ip, **kwargs):
     """A request through nginx on the instance itself, with the instance's address as Host, as
     the load balancer in front (django_app_https) passes on what it received over HTTPS."""
     headers = {"Host": ip, "X-Forwarded-Proto": "https", **kwargs.pop("headers", {})}
-    return http_request(host, "127.0.0.1", 80, path, headers=headers, **kwargs)
+    return http_request(host, f"http://127.0.0.1{path}", headers=headers, **kwargs)
 
 
 def main_pid(host):
@@ -70,7 +85,7 @@ def test_signup_page_through_nginx_has_security_headers_once(host, ip):
 
 
 def test_root_redirects_to_the_signup_page(host, ip):
-    response = get(host, "/", ip)
+    response = get(host, "/", ip, expect=None)
     assert response.status == 302
     assert response.header("Location") == ["/signup/"]
 
@@ -83,14 +98,14 @@ def test_behind_the_load_balancer_https_is_strict_and_http_is_redirected(host, i
     cookies = secure.header("Set-Cookie")
     assert cookies and all("Secure" in cookie for cookie in cookies), cookies
     # What the balancer received over plain HTTP: Django sends it to HTTPS, without HSTS.
-    plain = get(host, "/signup/?next=x", ip, headers={"X-Forwarded-Proto": "http"})
+    plain = get(host, "/signup/?next=x", ip, headers={"X-Forwarded-Proto": "http"}, expect=None)
     assert plain.status == 301
     assert plain.header("Location") == [f"https://{ip}/signup/?next=x"]
     assert plain.header("Strict-Transport-Security") == []
 
 
 def test_unknown_host_header_is_refused(host):
-    response = http_request(host, "127.0.0.1", 80, "/signup/", headers={"Host": "evil.example.com"})
+    response = http_request(host, "http://127.0.0.1/signup/", headers={"Host": "evil.example.com"}, expect=None)
     assert response.status == 400
 
 
@@ -100,7 +115,7 @@ def test_api_signup_creates_user_then_refuses_duplicate(host, ip):
     created = get(host, "/api/signup/", ip, method="POST", headers=headers, body=json.dumps(payload))
     assert created.status == 201, created.body
     assert created.json()["username"] == payload["username"]
-    duplicate = get(host, "/api/signup/", ip, method="POST", headers=headers, body=json.dumps(payload))
+    duplicate = get(host, "/api/signup/", ip, method="POST", headers=headers, body=json.dumps(payload), expect=None)
     assert duplicate.status == 400
     errors = duplicate.json()["errors"]
     assert errors["username"][0]["code"] == "unique"
@@ -108,9 +123,11 @@ def test_api_signup_creates_user_then_refuses_duplicate(host, ip):
 
 
 def queued_emails(host):
-    """Messages waiting in the Redis lists of Celery's `email` queue (one list per priority)."""
-    keys = host.check_output("redis-cli --scan --pattern 'email*'").split()
-    return sum(int(host.check_output("redis-cli llen %s", key)) for key in keys)
+    """Messages waiting in the Redis lists of Celery's `email` queue (one list per priority), in
+    the stock Redis of the scenario's broker URL."""
+    broker = {"server": BROKER.hostname, "port": BROKER.port, "check": True}
+    keys = redis_cli(host, "--scan", "--pattern", "email*", **broker).split()
+    return sum(int(redis_cli(host, "LLEN", key, **broker)) for key in keys)
 
 
 def test_signup_publishes_the_welcome_email_task_to_redis(host, ip):
@@ -136,7 +153,7 @@ def test_html_signup_form_with_csrf_cookie_and_token(host, ip):
         "Cookie": f"csrftoken={cookies['csrftoken']}",
         "Origin": f"https://{ip}",
     }
-    posted = get(host, "/signup/", ip, method="POST", headers=headers, body=form)
+    posted = get(host, "/signup/", ip, method="POST", headers=headers, body=form, expect=None)
     assert posted.status == 302, posted.body
     assert posted.header("Location") == ["/signup/done/"]
     session = "; ".join(c.split(";")[0] for c in posted.header("Set-Cookie"))
@@ -148,7 +165,7 @@ def test_html_signup_form_with_csrf_cookie_and_token(host, ip):
 def test_html_signup_without_csrf_token_is_forbidden(host, ip):
     form = urlencode(signup_payload())
     posted = get(host, "/signup/", ip, method="POST",
-                 headers={"Content-Type": "application/x-www-form-urlencoded"}, body=form)
+                 headers={"Content-Type": "application/x-www-form-urlencoded"}, body=form, expect=None)
     assert posted.status == 403
 
 
@@ -165,8 +182,8 @@ def test_static_files_are_served_by_nginx_with_cache_headers(host, ip):
     assert response.header("Expires")
     assert response.body == host.file(f"{CURRENT}/static/users/site.css").content_string
     # gunicorn itself does not serve it (DEBUG is off): nginx did.
-    direct = http_request(host, None, None, "/static/users/site.css",
-                          headers={"Host": ip, "X-Forwarded-Proto": "https"}, unix_socket=SOCKET, user="www-data")
+    direct = http_request(host, "http://localhost/static/users/site.css", headers={"Host": ip, "X-Forwarded-Proto": "https"},
+                          unix_socket=SOCKET, user="www-data", expect=None)
     assert direct.status == 404
 
 
@@ -185,7 +202,7 @@ def test_gunicorn_listens_on_a_unix_socket_only_nginx_may_use(host):
 
 def test_only_nginx_port_is_reachable_from_the_peer(host, peer, ip):
     assert tcp_probe(peer, ip, 80) == "open"
-    response = http_request(peer, ip, 80, "/healthz", headers={"Host": ip})
+    response = http_request(peer, f"http://{ip}/healthz", headers={"Host": ip})
     assert response.status == 200
     # Gunicorn's usual port: nothing there, and the firewall drops it anyway.
     assert tcp_probe(peer, ip, 8000) == "timeout"
@@ -206,7 +223,7 @@ def test_environment_file_is_readable_by_root_and_the_app_group_only(host):
     assert env.group == host_variable(name, "django_app_group", ("django_app",))
     assert env.mode == 0o640
     assert host.run("runuser -u nobody -- cat %s", env_file).rc != 0
-    assert host.run("runuser -u %s -- cat %s", APP, env_file).rc == 0
+    assert host.run("runuser -u %s -- cat %s", APP_USER, env_file).rc == 0
 
 
 def test_secret_with_shell_and_systemd_metacharacters_reaches_django_intact(host):
@@ -221,7 +238,7 @@ def test_secret_with_shell_and_systemd_metacharacters_reaches_django_intact(host
     # As sh reads it: the manage command.
     seen = host.check_output(
         "%s shell -c %s",
-        f"/usr/local/sbin/{APP}-manage",
+        MANAGE,
         "import hashlib; from django.conf import settings; "
         "print(hashlib.sha256(settings.SECRET_KEY.encode()).hexdigest())",
     )
@@ -233,7 +250,7 @@ def test_gunicorn_runs_as_the_app_user(host):
     pids = [pid] + [int(p) for p in host.check_output("pgrep -P %s", str(pid)).split()]
     assert len(pids) >= 3  # master and the two workers of molecule.yml
     for each in pids:
-        assert host.check_output("ps -o user= -p %s", str(each)).strip() == APP
+        assert host.check_output("ps -o user= -p %s", str(each)).strip() == APP_USER
 
 
 def test_gunicorn_is_sandboxed(host):
@@ -247,7 +264,7 @@ def test_gunicorn_is_sandboxed(host):
         denied = host.run(inside + "touch %s", pid, path)
         assert denied.rc != 0 and "Read-only file system" in denied.stderr, path
     # ...except the state directory.
-    probe = f"/var/lib/{APP}/probe"
+    probe = f"{STATE_DIR}/probe"
     assert host.run(inside + "touch %s", pid, probe).rc == 0
     host.check_output(inside + "rm %s", pid, probe)
     # ProtectHome: /root is empty there; PrivateTmp: a file in the host's /tmp is not there.
@@ -289,9 +306,9 @@ def test_restart_under_traffic_drops_no_request(host, ip):
 
 def test_migrations_and_static_files_ran_for_the_current_release(host):
     release = host.file(CURRENT).linked_to
-    for marker in (".installed", ".migrated", ".collected-static"):
+    for marker in RELEASE_MARKERS:
         assert host.file(f"{release}/{marker}").exists, marker
-    assert "[X] 0001_initial" in host.check_output(f"/usr/local/sbin/{APP}-manage showmigrations users")
+    assert "[X] 0001_initial" in host.check_output("%s showmigrations users", MANAGE)
 
 
 def test_release_venv_uses_the_hosts_python_and_its_wheels(host):

@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
+import testinfra
 from cbk_testlib import (
     OTHER_CA_ONLY,
     ansible_playbook,
+    http_request,
     platform_addresses,
     role_defaults,
     role_fqcn,
@@ -36,18 +38,8 @@ TLS_DIR = role_defaults("rabbitmq", "vars")["rabbitmq__tls_dir"]
 VHOST = "celery"
 DELIVERY_LIMIT = 5  # rabbitmq_app_delivery_limit in molecule.yml
 TASKS, PER_SECOND, STOP_AFTER = 300, 20, 100
-# A call to a node's HTTP API as the administrator ("admin:password" on stdin): path and JSON body
-# (POST) or null (GET) as arguments. rabbitmqctl list_queues hangs on this 3.10 cluster when not --local.
-API_CALL = """
-import base64, json, sys, urllib.request
-path, body = sys.argv[1], json.loads(sys.argv[2])
-request = urllib.request.Request(
-    "http://127.0.0.1:15672/api/" + path, method="POST" if body else "GET",
-    data=json.dumps(body).encode() if body else None,
-    headers={"Content-Type": "application/json",
-             "Authorization": "Basic " + base64.b64encode(sys.stdin.read().encode()).decode()})
-print(urllib.request.urlopen(request, timeout=20).read().decode())
-"""
+# The management API, which each node serves on its loopback (plain HTTP).
+MANAGEMENT_PORT = scenario_setting("rabbitmq", "rabbitmq_management_port")
 
 
 def container(node):
@@ -61,9 +53,18 @@ def rabbitmqctl(node, *args):
 
 
 def api(node, path, body=None):
-    login = f"admin:{scenario_variables()['rabbitmq_admin_password']}"
-    command = ["docker", "exec", "-i", container(node), "python3", "-c", API_CALL, path, json.dumps(body)]
-    return json.loads(subprocess.run(command, input=login, check=True, capture_output=True, text=True).stdout)
+    """A call to a node's HTTP API as the administrator, with a JSON body (POST) or none (GET):
+    rabbitmqctl list_queues hangs on this 3.10 cluster when not --local."""
+    response = http_request(
+        testinfra.get_host(f"docker://{container(node)}"),
+        f"http://127.0.0.1:{MANAGEMENT_PORT}/api/{path}",
+        method="POST" if body else "GET",
+        headers={"Content-Type": "application/json"},
+        body=json.dumps(body) if body else None,
+        auth=("admin", scenario_variables()["rabbitmq_admin_password"]),
+        timeout=20,
+    )
+    return response.json()
 
 
 def queues(node):

@@ -7,13 +7,14 @@ host is on neither list. Debian 12 (3.10) serves AMQP and AMQPS and plain-HTTP
 management; Debian 13 (4.0) serves AMQPS only (TLS 1.3 only) and HTTPS management.
 """
 
+import json
 import os
 import re
 import uuid
 
 import pytest
 import testinfra
-from cbk_testlib import address, amqp_login, run_python, tcp_probe
+from cbk_testlib import address, amqp_login, http_request, run_python, tcp_probe
 
 AMQP_PORT = 5672
 AMQPS_PORT = 5671
@@ -96,23 +97,6 @@ with Connection(args["url"], ssl=args["ssl"], connect_timeout=5) as conn:
 print(json.dumps({"found": found is not None, "reason": death.get("reason"), "queue": death.get("queue")}))
 """
 
-HTTP = """
-import base64, json, ssl, sys, urllib.request, urllib.error
-args = json.loads(sys.argv[1])
-data = json.dumps(args["body"]).encode() if "body" in args else None
-request = urllib.request.Request(args["url"], data=data, method=args.get("method", "GET"))
-request.add_header("Authorization", "Basic " + base64.b64encode(args["auth"].encode()).decode())
-request.add_header("Content-Type", "application/json")
-context = ssl.create_default_context(cafile=args["cafile"])
-try:
-    with urllib.request.urlopen(request, timeout=10, context=context) as response:
-        print(json.dumps({"status": response.status, "body": json.loads(response.read() or "null")}))
-except urllib.error.HTTPError as error:
-    print(json.dumps({"status": error.code, "body": None}))
-except Exception as exc:
-    print(json.dumps({"status": None, "body": type(exc).__name__}))
-"""
-
 TLS_HANDSHAKE = """
 import json, socket, ssl, sys
 args = json.loads(sys.argv[1])
@@ -155,13 +139,19 @@ class Broker:
         target = self.amqp(user, password, vhost, ip)
         return amqp_login(client, target["url"], target["ssl"])
 
-    def http(self, client, path, account, method="GET", body=None):
-        user, password = self.secrets.get(account, (account, account))
-        request = {"url": f"{self.management_scheme}://{self.ip}:{MANAGEMENT_PORT}/api/{path}",
-                   "auth": f"{user}:{password}", "method": method, "cafile": TEST_CA}
-        if body is not None:
-            request["body"] = body
-        return run_python(client, HTTP, request)
+    def http(self, client, path, account, method="GET", body=None, expect=None):
+        """A management API call from client as account (a user of secrets, else account:account)."""
+        return http_request(
+            client,
+            f"{self.management_scheme}://{self.ip}:{MANAGEMENT_PORT}/api/{path}",
+            method=method,
+            headers={"Content-Type": "application/json"},
+            body=None if body is None else json.dumps(body),
+            auth=self.secrets.get(account, (account, account)),
+            cafile=TEST_CA,
+            timeout=10,
+            expect=expect,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +219,7 @@ def test_guest_is_refused_over_amqp_even_from_loopback(host, peer, broker):
 
 
 def test_guest_is_refused_by_the_http_api(peer, broker):
-    assert broker.http(peer, "overview", "guest")["status"] == 401
+    assert broker.http(peer, "overview", "guest").status == 401
 
 
 def test_app_user_is_refused_on_other_vhosts(peer, broker):
@@ -238,24 +228,23 @@ def test_app_user_is_refused_on_other_vhosts(peer, broker):
 
 
 def test_app_user_is_refused_by_the_http_api(peer, broker):
-    assert broker.http(peer, "whoami", "app")["status"] == 401
+    assert broker.http(peer, "whoami", "app").status == 401
 
 
 def test_admin_sees_the_app_vhost_queues(peer, broker):
-    response = broker.http(peer, f"queues/{VHOST}", "admin")
-    assert response["status"] == 200
-    assert DEAD_LETTER_QUEUE in [queue["name"] for queue in response["body"]]
+    queues = broker.http(peer, f"queues/{VHOST}", "admin", expect=200).json()
+    assert DEAD_LETTER_QUEUE in [queue["name"] for queue in queues]
 
 
 def test_monitoring_user_reads_but_cannot_administer(peer, broker):
-    assert broker.http(peer, "overview", "monitoring")["status"] == 200
+    assert broker.http(peer, "overview", "monitoring").status == 200
     created = broker.http(peer, "users/intruder", "monitoring", "PUT", {"password": "x" * 20, "tags": ""})
-    assert created["status"] in (401, 403)
-    assert broker.http(peer, "users/intruder", "admin")["status"] == 404
+    assert created.status in (401, 403)
+    assert broker.http(peer, "users/intruder", "admin").status == 404
 
 
 def test_monitoring_user_has_no_vhost_access(peer, broker):
-    assert broker.http(peer, "users/monitoring/permissions", "admin")["body"] == []
+    assert broker.http(peer, "users/monitoring/permissions", "admin", expect=200).json() == []
 
 
 def test_rejected_message_is_dead_lettered(peer, broker):
@@ -276,7 +265,7 @@ def test_rejected_message_is_dead_lettered(peer, broker):
      ("celeryev.0f9b3c1e", False), ("amq.gen-JzTY20BRgKO", False)],
 )
 def test_dead_letter_policy_spares_its_own_and_celery_control_queues(peer, broker, queue, dead_lettered):
-    (policy,) = broker.http(peer, f"policies/{VHOST}", "admin")["body"]
+    (policy,) = broker.http(peer, f"policies/{VHOST}", "admin", expect=200).json()
     assert policy["apply-to"] == "queues"
     assert policy["definition"]["dead-letter-exchange"] == DEAD_LETTER_EXCHANGE
     assert bool(re.search(policy["pattern"], queue)) is dead_lettered
@@ -295,8 +284,8 @@ def test_amqps_accepts_only_the_configured_tls_versions(peer, broker):
 def test_management_uses_the_configured_scheme_only(peer, broker):
     other = "http" if broker.management_scheme == "https" else "https"
     url = f"{other}://{broker.ip}:{MANAGEMENT_PORT}/api/overview"
-    wrong = run_python(peer, HTTP, {"url": url, "auth": "monitoring:x", "cafile": TEST_CA})
-    assert wrong["status"] is None, wrong
+    wrong = http_request(peer, url, auth=("monitoring", "x"), cafile=TEST_CA, timeout=10, expect=None)
+    assert wrong.status is None, (wrong.status, wrong.body)
 
 
 def test_erlang_cookie_is_the_generated_secret_and_private(host):

@@ -19,11 +19,13 @@ from cbk_testlib import (
     ansible_playbook,
     packet_capture,
     platform_addresses,
+    redis_cli,
     role_defaults,
     scenario_setting,
     scenario_variables,
     wait_until,
 )
+from cbk_testlib import redis_password as password
 from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 
 NODES = platform_addresses()
@@ -49,32 +51,10 @@ def node(name):
     return testinfra.get_host(f"docker://{name}")
 
 
-def password(user):
-    variables = scenario_variables()
-    return {
-        "celery": variables["redis_app_password"],
-        "admin": variables["redis_admin_password"],
-        "replica": variables["redis_replication_password"],
-        "sentinel": variables["redis_sentinel_password"],
-        "celery-sentinel": variables["redis_sentinel_client_password"],
-    }.get(user, user)
-
-
 def cli(client, ip, port, *commands, user=None, ca=HOST_CA):
-    """redis-cli on client against ip:port (over TLS when the scenario has it, trusting ca);
-    each command a line on one connection, after an AUTH line for user. stdout and stderr
-    together, one reply line per line."""
-    lines = ([f"AUTH {user} {password(user)}"] if user else []) + list(commands)
-    tls = ["--tls", "--cacert", ca] if TLS else []
-    result = node(client).run(
-        "printf '%%s\\n' " + " ".join(["%s"] * len(lines)) + " | timeout 10 redis-cli -h %s -p %s" + " %s" * len(tls),
-        *lines,
-        ip,
-        str(port),
-        *tls,
-    )
-    out = (result.stdout + result.stderr).strip().splitlines()
-    return out[1:] if user and out[:1] == ["OK"] else out
+    """redis_cli on client against ip:port (over TLS when the scenario has it, trusting ca), as
+    user; each command a line on one connection. stdout and stderr together, one reply line per line."""
+    return redis_cli(node(client), server=ip, port=port, user=user, tls=TLS, ca=ca, lines=commands).splitlines()
 
 
 def other(name):
@@ -163,8 +143,8 @@ def test_only_tls_is_served_and_a_client_of_another_ca_is_refused():
     for name in NODES:
         assert f":{PLAIN_PORT} " not in node(name).check_output("ss -Htln"), f"{name} listens on {PLAIN_PORT}"
     for port in (REDIS_PORT, SENTINEL_PORT):
-        plain = node(client).run("printf 'PING\\n' | timeout 5 redis-cli -h %s -p %s", ip, str(port))
-        assert not re.search("PONG|NOAUTH", plain.stdout + plain.stderr), (port, plain.stdout, plain.stderr)
+        plain = redis_cli(node(client), server=ip, port=port, lines=["PING"])
+        assert not re.search("PONG|NOAUTH", plain), (port, plain)
         other_ca = cli(client, ip, port, "PING", user="admin", ca=OTHER_CA_ONLY)
         assert "certificate verify failed" in " ".join(other_ca), (port, other_ca)
         assert cli(client, ip, port, "PING", user="admin") == ["PONG"], port

@@ -17,6 +17,7 @@ from cbk_testlib import (
     direct,
     inventory_host,
     other_hosts,
+    redis_cli,
     redis_engine,
     redis_engine_name,
     role_defaults,
@@ -44,7 +45,7 @@ class Broker:
         self.engine_name = redis_engine_name(variables)
         self.engine = redis_engine(variables)
         self.client = inventory_host(variables["probe_client"])
-        self.client_cli = redis_engine(self.client.ansible.get_variables())["cli"]
+        self.client_engine = redis_engine(self.client.ansible.get_variables())
         self.acl_file = f"{self.engine['config_dir']}/users.acl"
         # Everything the server and its unit read, where a clear-text password must never be.
         self.secret_free_paths = (
@@ -64,20 +65,13 @@ class Broker:
         }
 
     def cli(self, client, *args, user=None, password=None, tls=None, ca=PROBE_CA, port=None, stdin=()):
-        """The client's cli (redis-cli, valkey-cli) against this instance; stdout and stderr
-        together. With stdin (lines, one command each), the cli runs them on one connection."""
+        """The client's cli against this instance (cbk_testlib.redis_cli); with stdin (lines,
+        one command each), the cli runs them on one connection."""
         tls = self.tls if tls is None else tls
-        command = ["timeout", "10", self.client_cli, "--no-auth-warning", "-h", self.ip, "-p", str(port or self.port)]
-        if tls:
-            command += ["--tls"] + (["--cacert", ca] if ca else [])
-        if user:
-            command += ["--user", user]
-            password = self.passwords[user] if password is None else password
-        if password is not None:
-            command = ["env", f"REDISCLI_AUTH={password}"] + command
-        feed = "printf '%%s\\n' " + " ".join(["%s"] * len(stdin)) + " | " if stdin else ""
-        result = client.run(feed + " ".join(["%s"] * len(command + list(args))), *stdin, *command, *args)
-        return (result.stdout + result.stderr).strip()
+        return redis_cli(
+            client, *args, user=user, password=password, server=self.ip, port=port or self.port,
+            tls=tls, ca=ca, engine=self.client_engine, lines=stdin,
+        )
 
     def as_user(self, client, user, *args):
         return self.cli(client, *args, user=user)

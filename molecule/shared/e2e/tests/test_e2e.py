@@ -13,7 +13,6 @@ from cbk_testlib import (
     MAILDIR,
     e2e_broker,
     host_variable,
-    http_get,
     http_request,
     packet_capture,
     scenario_setting,
@@ -38,13 +37,10 @@ def sign_up(client, site):
     body = {"username": f"user-{token}", "email": email, "password": "Correct-Horse-Battery-Staple-4711"}
     response = http_request(
         client,
-        site.address,
-        site.port,
-        "/api/signup/",
+        f"{site.url}:{site.port}/api/signup/",
         method="POST",
         headers={"Content-Type": "application/json", "Host": site.address},
         body=json.dumps(body),
-        https=site.https,
     )
     assert response.status == 201, response.body
     return email
@@ -55,7 +51,7 @@ def journal_since(host, unit, since):
 
 
 def test_readyz_names_the_broker_and_reaches_database_and_broker(backend, site):
-    response = http_request(backend, site.address, site.port, "/readyz", headers={"Host": site.address}, https=site.https)
+    response = http_request(backend, f"{site.url}:{site.port}/readyz", headers={"Host": site.address})
     assert response.status == 200, response.body
     assert response.json() == {"status": "ok", "broker": BROKER, "broker_connection": "ok", "database": "ok"}
 
@@ -95,11 +91,9 @@ def test_no_secret_and_no_signup_address_cross_the_network_in_clear(backend, fro
 
 def test_flower_shows_the_workers_of_both_hosts_with_credentials_only(backend, flower, front):
     url = f"{flower.api}workers?refresh=1"
-    assert http_get(front, url)[0] == 401
-    assert http_get(front, url, FLOWER[0], "wrong-password-123456")[0] == 401
-    status, body = http_get(front, url, *FLOWER)
-    assert status == 200
-    hostnames = {name.split("@", 1)[1] for name in json.loads(body)}
+    assert http_request(front, url, expect=None).status == 401
+    assert http_request(front, url, auth=(FLOWER[0], "wrong-password-123456"), expect=None).status == 401
+    hostnames = {name.split("@", 1)[1] for name in http_request(front, url, auth=FLOWER, expect=200).json()}
     assert hostnames == {backend.check_output("uname -n"), front.check_output("uname -n")}
 
 
@@ -107,11 +101,10 @@ def test_rabbitmq_management_ui_answers_the_admin_only(management, front):
     if BROKER != "rabbitmq":
         pytest.skip("the management UI belongs to RabbitMQ")
     url = f"{management.api}queues/celery"
-    assert http_get(front, url)[0] == 401
-    assert http_get(front, url, *RABBITMQ_APP)[0] == 401
-    status, body = http_get(front, url, *RABBITMQ_ADMIN)
-    assert status == 200
-    assert {"email", "analytics", "celery"} <= {queue["name"] for queue in json.loads(body)}
+    assert http_request(front, url, expect=None).status == 401
+    assert http_request(front, url, auth=RABBITMQ_APP, expect=None).status == 401
+    queues = http_request(front, url, auth=RABBITMQ_ADMIN, expect=200).json()
+    assert {"email", "analytics", "celery"} <= {queue["name"] for queue in queues}
 
 
 # Stops and restarts workers: keep last.

@@ -267,8 +267,8 @@ def test_https_at_nginx_and_plain_http_only_redirects(probe_trusts_kit_ca, varia
     # HSTS only where HTTPS is served; the redirect sets nothing, not even a cookie.
     probe = testinfra.get_host(f"docker://{PROBE}")
     headers = {"Host": site.address}
-    secure_page = http_request(probe, site.address, site.port, "/signup/", headers=headers, https=True)
-    redirect = http_request(probe, site.address, 80, "/signup/", headers=headers)
+    secure_page = http_request(probe, f"https://{site.address}:{site.port}/signup/", headers=headers)
+    redirect = http_request(probe, f"http://{site.address}/signup/", headers=headers, expect=301)
     hsts = [f"max-age={scenario_setting('django_app', 'django_app_hsts_seconds')}"]
     got = (secure_page.header("Strict-Transport-Security"), redirect.header("Strict-Transport-Security"),
            redirect.header("Set-Cookie"))
