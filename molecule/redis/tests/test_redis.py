@@ -89,12 +89,13 @@ class Broker:
         return f"{scheme}://{user}:{self.passwords[user]}@{self.ip}:{self.port}/0"
 
     def probe(self, client, *args):
-        """Run molecule/redis/files/celery_probe.py on client against this instance."""
+        """Run molecule/redis/files/celery_probe.py on client against this instance (over TLS
+        with its CA when the instance serves TLS)."""
         return client.check_output(
             "cd %s && env PROBE_URL=%s PROBE_CA=%s venv/bin/python celery_probe.py " + " ".join(["%s"] * len(args)),
             PROBE_DIR,
             self.url(),
-            PROBE_CA,
+            PROBE_CA if self.tls else "",
             *args,
         )
 
