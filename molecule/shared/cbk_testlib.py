@@ -125,6 +125,32 @@ def galaxy():
     return yaml.safe_load((Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "galaxy.yml").read_text())
 
 
+@functools.cache
+def brokers():
+    """playbooks/vars/brokers.yml: {"brokers": {name: group, role, service, ports, schemes,
+    secrets}, "brokers_of_celery_broker": {celery_broker: [broker names, main first]}} (untemplated)."""
+    import yaml
+
+    return yaml.safe_load((Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "playbooks" / "vars" / "brokers.yml").read_text())
+
+
+def broker_entry(name):
+    """One broker's entry of playbooks/vars/brokers.yml (rabbitmq, redis)."""
+    return brokers()["brokers"][name]
+
+
+def broker_port(name, kind):
+    """A broker's port (kind: plain, tls, sentinel, management) as a host of the scenario sees
+    it: the role variable brokers.yml names, from the scenario's group_vars or the role's defaults."""
+    port = broker_entry(name)["ports"][kind]
+    return int(scenario_setting(broker_entry(name)["role"].rsplit(".", 1)[-1], port["var"]))
+
+
+def broker_secrets():
+    """Every broker's secrets (vault variable names), in brokers.yml's order."""
+    return [secret for entry in brokers()["brokers"].values() for secret in entry["secrets"]]
+
+
 def role_fqcn(role):
     """A role's name in this collection (cbk.celery_broker_kit.<role>)."""
     return f"{galaxy()['namespace']}.{galaxy()['name']}.{role}"

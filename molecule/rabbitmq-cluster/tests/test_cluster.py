@@ -19,11 +19,12 @@ import testinfra
 from cbk_testlib import (
     OTHER_CA_ONLY,
     ansible_playbook,
+    broker_entry,
+    broker_port,
     http_request,
     platform_addresses,
     role_defaults,
     role_fqcn,
-    scenario_setting,
     scenario_variables,
     tcp_probe,
     wait_until,
@@ -39,7 +40,7 @@ VHOST = "celery"
 DELIVERY_LIMIT = 5  # rabbitmq_app_delivery_limit in molecule.yml
 TASKS, PER_SECOND, STOP_AFTER = 300, 20, 100
 # The management API, which each node serves on its loopback (plain HTTP).
-MANAGEMENT_PORT = scenario_setting("rabbitmq", "rabbitmq_management_port")
+MANAGEMENT_PORT = broker_port("rabbitmq", "management")
 
 
 def container(node):
@@ -151,12 +152,12 @@ def test_clients_reach_every_node_over_amqps_only_by_the_clusters_name():
     context = ssl.create_default_context(cafile=f"{variables['base_tls_kit_ca_dir']}/ca.crt")
     for node, ip in NODES.items():
         with (
-            socket.create_connection((ip, scenario_setting("rabbitmq", "rabbitmq_amqps_port")), timeout=5) as sock,
+            socket.create_connection((ip, broker_port("rabbitmq", "tls")), timeout=5) as sock,
             context.wrap_socket(sock, server_hostname=variables["rabbitmq_tls_cluster_name"]) as tls,
         ):
             assert tls.version() in ("TLSv1.2", "TLSv1.3"), node
         with pytest.raises(OSError):
-            socket.create_connection((ip, scenario_setting("rabbitmq", "rabbitmq_amqp_port")), timeout=3).close()
+            socket.create_connection((ip, broker_port("rabbitmq", "plain")), timeout=3).close()
 
 
 def converge(*args):
@@ -270,8 +271,8 @@ def test_app_queues_policy_dead_letters_after_the_delivery_limit():
 def load(tmp_path_factory):
     variables = scenario_variables()
     # AMQPS only (molecule.yml): the URL of every node, checked for the cluster's name, as the app's.
-    port = scenario_setting("rabbitmq", "rabbitmq_amqps_port")
-    url = ";".join(f"amqps://celery:{variables['rabbitmq_app_password']}@{ip}:{port}/{VHOST}" for ip in NODES.values())
+    port, scheme = broker_port("rabbitmq", "tls"), broker_entry("rabbitmq")["tls_scheme"]
+    url = ";".join(f"{scheme}://celery:{variables['rabbitmq_app_password']}@{ip}:{port}/{VHOST}" for ip in NODES.values())
     ha = HALoad(
         tmp_path_factory.mktemp("ha"),
         url,

@@ -14,11 +14,13 @@ import uuid
 
 import pytest
 import testinfra
-from cbk_testlib import address, amqp_login, http_request, run_python, tcp_probe
+from cbk_testlib import address, amqp_login, broker_entry, broker_port, http_request, run_python, tcp_probe
 
-AMQP_PORT = 5672
-AMQPS_PORT = 5671
-MANAGEMENT_PORT = 15672
+RABBITMQ = broker_entry("rabbitmq")
+AMQP_PORT = broker_port("rabbitmq", "plain")
+AMQPS_PORT = broker_port("rabbitmq", "tls")
+MANAGEMENT_PORT = broker_port("rabbitmq", "management")
+SERVICE = RABBITMQ["service"]
 CLUSTER_PORTS = (4369, 25672)
 VHOST = "celery"
 DEAD_LETTER_QUEUE = "dead_letter"
@@ -130,10 +132,11 @@ class Broker:
         """URL and TLS options for an AMQP client: AMQPS, verified against the test CA, if TLS-only."""
         ip = ip or self.ip
         if not self.tls_only:
-            return {"url": f"amqp://{user}:{password}@{ip}:{AMQP_PORT}/{vhost}", "ssl": False}
+            return {"url": f"{RABBITMQ['scheme']}://{user}:{password}@{ip}:{AMQP_PORT}/{vhost}", "ssl": False}
         # The certificate is issued for the private address, not for loopback.
         context = {"cafile": TEST_CA, "check_hostname": ip == self.ip}
-        return {"url": f"amqp://{user}:{password}@{ip}:{AMQPS_PORT}/{vhost}", "ssl": {"context": context, "server_hostname": ip}}
+        url = f"{RABBITMQ['scheme']}://{user}:{password}@{ip}:{AMQPS_PORT}/{vhost}"  # TLS by the ssl options
+        return {"url": url, "ssl": {"context": context, "server_hostname": ip}}
 
     def login(self, client, user, password, vhost=VHOST, ip=None):
         target = self.amqp(user, password, vhost, ip)
@@ -178,16 +181,16 @@ def test_pinned_package_from_debian(host):
 
 
 def test_service_runs_with_the_file_limit_and_logs_to_the_journal(host):
-    service = host.service("rabbitmq-server")
+    service = host.service(SERVICE)
     assert service.is_running
     assert service.is_enabled
-    assert int(host.check_output("systemctl show -P LimitNOFILE rabbitmq-server")) >= 65536
+    assert int(host.check_output("systemctl show -P LimitNOFILE %s", SERVICE)) >= 65536
     # The container's hard limit (docker's default ulimit) caps what systemd can grant.
     container_cap = open_files(host, "1")[1]
     beam = host.check_output("pgrep -u rabbitmq -x beam.smp")
     assert open_files(host, beam)[0] == min(65536, container_cap)
-    assert host.check_output("systemctl show -P StandardOutput rabbitmq-server") == "journal"
-    assert "Server startup complete" in host.check_output("journalctl -u rabbitmq-server --no-pager -o cat")
+    assert host.check_output("systemctl show -P StandardOutput %s", SERVICE) == "journal"
+    assert "Server startup complete" in host.check_output("journalctl -u %s --no-pager -o cat", SERVICE)
 
 
 def test_listeners_are_bound_to_the_configured_addresses_only(host, broker):

@@ -17,6 +17,8 @@ import testinfra
 from cbk_testlib import (
     OTHER_CA_ONLY,
     ansible_playbook,
+    broker_entry,
+    broker_port,
     packet_capture,
     platform_addresses,
     redis_cli,
@@ -31,9 +33,9 @@ from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
 NODES = platform_addresses()
 # TLS only (molecule.yml): Redis on its TLS port, the Sentinels on theirs, plain text closed.
 TLS = scenario_setting("redis", "redis_tls_enabled")
-PLAIN_PORT = scenario_setting("redis", "redis_port")
-REDIS_PORT = scenario_setting("redis", "redis_tls_port") if TLS else PLAIN_PORT
-SENTINEL_PORT = scenario_setting("redis", "redis_sentinel_port")
+PLAIN_PORT = broker_port("redis", "plain")
+REDIS_PORT = broker_port("redis", "tls") if TLS else PLAIN_PORT
+SENTINEL_PORT = broker_port("redis", "sentinel")
 MASTER = scenario_setting("redis", "redis_sentinel_master_name")
 # The kit CA in each node's trust store (base role), and its copy on the controller.
 HOST_CA = role_defaults("base")["base_tls_ca_path"]
@@ -323,7 +325,8 @@ def age_held_messages(primary):
 
 def test_failover_under_a_celery_load_loses_only_tasks_popped_as_the_primary_went_down(failover, tmp_path):
     old = failover["primary"]
-    url = ";".join(f"sentinel://celery:{password('celery')}@{ip}:{SENTINEL_PORT}/0" for ip in NODES.values())
+    scheme = broker_entry("redis")["sentinel_scheme"]
+    url = ";".join(f"{scheme}://celery:{password('celery')}@{ip}:{SENTINEL_PORT}/0" for ip in NODES.values())
     sentinel = {"master_name": MASTER, "username": "celery-sentinel", "password": password("celery-sentinel"), "tls": TLS}
     load = HALoad(tmp_path, url, sentinel=sentinel, ca_file=CONTROLLER_CA if TLS else None)
     load.start_workers()

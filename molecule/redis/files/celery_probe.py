@@ -9,8 +9,8 @@ app really sends: queues with priority steps, late acks, events, results, chords
     celery_probe.py send               publish one task with no worker running; print its id
     celery_probe.py collect TASK_ID    start a worker and print that task's result
 
-Environment: PROBE_URL (redis:// or rediss:// with the app user's credentials) and,
-for rediss://, PROBE_CA (the CA certificate that signed the server's certificate).
+Environment: PROBE_URL (redis:// or rediss:// with the app user's credentials) and
+PROBE_CA: over TLS, the CA certificate that signed the server's certificate; empty without.
 """
 
 import os
@@ -27,7 +27,7 @@ WORKER_TIMEOUT = 30
 
 app = Celery("celery_probe")
 app.conf.update(build_celery_config(URL, result_backend=URL))
-if URL.startswith("rediss://"):
+if os.environ["PROBE_CA"]:
     tls = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": os.environ["PROBE_CA"]}
     app.conf.broker_use_ssl = tls
     app.conf.redis_backend_use_ssl = tls

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import pytest
-from cbk_testlib import redis_engine_name, role_defaults, scenario_config
+from cbk_testlib import broker_entry, redis_engine_name, role_defaults, scenario_config
 
 SCENARIO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROJECT_DIR = os.environ.get("MOLECULE_PROJECT_DIRECTORY", os.path.dirname(os.path.dirname(SCENARIO_DIR)))
@@ -34,11 +34,11 @@ INSTANCE = instance("redis", 12)
 # The Redis host on Debian 13 and the Valkey host: each asked to run the other engine.
 REDIS_HOST, VALKEY_HOST = instance("redis", 13), instance("valkey", 13)
 VALID = {
-    "redis_app_password": "preflight-app-password-1",
-    "redis_admin_password": "preflight-admin-password-1",
-    "redis_monitor_password": "preflight-monitor-password-1",
+    **{secret: f"preflight-password-{n}-0123" for n, secret in enumerate(broker_entry("redis")["secrets"])},
     "redis_maxmemory": "64mb",
 }
+# The TLS port's variable and default, which the port check's message names.
+TLS_PORT = broker_entry("redis")["ports"]["tls"]
 
 
 class Case(NamedTuple):
@@ -68,7 +68,7 @@ CASES = {
     ),
     "port out of range": (
         {"redis_port": 70000},
-        "redis_port (70000) and redis_tls_port (6380) must be different TCP ports",
+        f"redis_port (70000) and {TLS_PORT['var']} ({TLS_PORT['default']}) must be different TCP ports",
     ),
     "unknown appendfsync": ({"redis_appendfsync": "no"}, "redis_appendfsync must be one of: everysec, always, got: no"),
     "client network without prefix": (

@@ -14,6 +14,8 @@ import pytest
 import testinfra
 from cbk_testlib import (
     address,
+    broker_entry,
+    broker_port,
     direct,
     inventory_host,
     other_hosts,
@@ -26,7 +28,7 @@ from cbk_testlib import (
 
 PROBE_DIR = "/opt/cbk-probe"
 PROBE_CA = f"{PROBE_DIR}/redis-ca.crt"
-PLAIN_PORT, TLS_PORT = 6379, 6380
+PLAIN_PORT, TLS_PORT = broker_port("redis", "plain"), broker_port("redis", "tls")
 # The Debian package versions each engine comes in, by release (tests the pin's effect).
 PACKAGE_VERSIONS = {"redis": {"12": "5:7.0.", "13": "5:8.0."}, "valkey": {"13": "8.1."}}
 # The instances share the docker host's clock. Journal entries before this moment come
@@ -77,16 +79,17 @@ class Broker:
         return self.cli(client, *args, user=user)
 
     def url(self, user="celery"):
-        scheme = "rediss" if self.tls else "redis"
+        scheme = broker_entry("redis")["tls_scheme" if self.tls else "scheme"]
         return f"{scheme}://{user}:{self.passwords[user]}@{self.ip}:{self.port}/0"
 
     def probe(self, client, *args):
-        """Run molecule/redis/files/celery_probe.py on client against this instance."""
+        """Run molecule/redis/files/celery_probe.py on client against this instance (over TLS
+        with its CA when the instance serves TLS)."""
         return client.check_output(
             "cd %s && env PROBE_URL=%s PROBE_CA=%s venv/bin/python celery_probe.py " + " ".join(["%s"] * len(args)),
             PROBE_DIR,
             self.url(),
-            PROBE_CA,
+            PROBE_CA if self.tls else "",
             *args,
         )
 

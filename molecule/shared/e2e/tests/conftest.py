@@ -12,6 +12,7 @@ from cbk_testlib import (
     Site,
     address,
     ansible_env,
+    broker_secrets,
     direct,
     flower_ui,
     host_variable,
@@ -28,12 +29,7 @@ PROBE = f"cbk-{SCENARIO}-probe"
 EPHEMERAL = Path(os.environ["MOLECULE_EPHEMERAL_DIRECTORY"])
 SECRET_VARIABLES = [
     "postgresql_app_password",
-    "redis_app_password",
-    "redis_admin_password",
-    "redis_monitor_password",
-    "rabbitmq_app_password",
-    "rabbitmq_admin_password",
-    "rabbitmq_monitoring_password",
+    *broker_secrets(),
     "django_app_secret_key",
     "celery_worker_flower_password",
 ]

@@ -11,6 +11,7 @@ import uuid
 import pytest
 from cbk_testlib import (
     MAILDIR,
+    broker_port,
     e2e_broker,
     host_variable,
     http_request,
@@ -77,7 +78,7 @@ def test_no_secret_and_no_signup_address_cross_the_network_in_clear(backend, fro
         assert wait_for_maildir_message(backend, MAILDIR, email, timeout=DELIVERY_SECONDS), email
     values = {**secrets, "the signup address": email}
     links = {
-        "AMQPS": scenario_setting("rabbitmq", "rabbitmq_amqps_port"),
+        "AMQPS": broker_port("rabbitmq", "tls"),
         "PostgreSQL": scenario_setting("postgresql", "postgresql_port"),
     }
     # The mail sink is on debian12: whichever worker sends the email, its SMTP crosses an interface there.

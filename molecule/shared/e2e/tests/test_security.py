@@ -23,6 +23,7 @@ from cbk_testlib import (
     address,
     ansible_playbook,
     app_env_file,
+    broker_port,
     direct,
     e2e_broker,
     host_variable,
@@ -108,7 +109,7 @@ def broker_address(kit_hosts):
 def amqp_endpoint(broker_address):
     """RabbitMQ's client port as the scenario serves it: AMQPS only in e2e-rabbitmq."""
     tls = host_variable(HOSTS[0], "rabbitmq_tls_only") is True
-    port = int(scenario_setting("rabbitmq", "rabbitmq_amqps_port" if tls else "rabbitmq_amqp_port"))
+    port = broker_port("rabbitmq", "tls" if tls else "plain")
     return SimpleNamespace(address=broker_address, port=port, tls=tls, https=tls)
 
 
@@ -116,7 +117,7 @@ def amqp_endpoint(broker_address):
 def redis_endpoint(broker_address):
     """Redis' client port as the scenario serves it: TLS only in switch (redis_tls_enabled)."""
     tls = host_variable(HOSTS[0], "redis_tls_enabled") is True
-    port = int(scenario_setting("redis", "redis_tls_port" if tls else "redis_port"))
+    port = broker_port("redis", "tls" if tls else "plain")
     return SimpleNamespace(address=broker_address, port=port, tls=tls)
 
 
@@ -287,7 +288,7 @@ def test_operator_uis_and_amqp_over_tls_only(request, ui, probe_trusts_kit_ca, b
     assert served.https, f"{ui} is plain text beside an HTTPS site: its role's TLS switch is off"
     secure = {"kind": "tls", "address": served.address, "port": served.port}
     if ui == "amqps":
-        plain_port = int(scenario_setting("rabbitmq", "rabbitmq_amqp_port"))
+        plain_port = broker_port("rabbitmq", "plain")
         plain = [(f"amqp: plain AMQP port {plain_port} (rabbitmq_tls_only)", REFUSED,
                   {"kind": "tcp", "address": broker_address, "port": plain_port})]
     else:
