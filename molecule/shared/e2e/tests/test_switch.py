@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from cbk_testlib import (
+    MANAGE,
     SignupLoad,
     ansible_env,
     app_env_file,
@@ -40,9 +41,10 @@ pytestmark = pytest.mark.skipif(SCENARIO != "switch", reason="the switch runs in
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 INVENTORY = Path(os.environ["MOLECULE_INVENTORY_FILE"]).parent
 PROBE = f"cbk-{SCENARIO}-probe"
-MANAGE = "/usr/local/sbin/sample_app-manage"
 RESULTS = PROJECT / "artifacts" / "switch"
-QUEUES = ("celery", "email", "analytics", "priority")
+# The project's queues and its Celery command (the django_app and celery_worker roles).
+QUEUES = scenario_setting("django_app", "django_app_queues")
+CELERY = scenario_setting("celery_worker", "celery_worker__cli")
 BACKLOG = 300  # analytics tasks published on the old broker right before the switch
 COUNTDOWNS = (10, 30, 60, 90)  # seconds; several tasks each, held by the old broker's workers
 SIGNUP_RATE = 1  # per second, for the whole switch (each one an email and an analytics task)
@@ -248,7 +250,7 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     late = publish(front, "switch-late", 1, countdown=300)
     carried_over.extend(late)
     deadline = time.monotonic() + 120
-    while late[0] not in front.check_output("/usr/local/sbin/sample_app-celery inspect scheduled --timeout=5 || true"):
+    while late[0] not in front.check_output(f"{CELERY} inspect scheduled --timeout=5 || true"):
         assert time.monotonic() < deadline, "no worker reserved the scheduled task within 120 s"
         time.sleep(2)
     reserved = time.monotonic()
@@ -415,7 +417,7 @@ def test_hybrid_mode(backend, front, site, probe_address):
     consumers = {}
     for module in (main_app, hybrid_app):
         out = backend.check_output(
-            "CELERY_APP_MODULE=%s /usr/local/sbin/sample_app-celery inspect active_queues --json --timeout=5", module
+            "CELERY_APP_MODULE=%s %s inspect active_queues --json --timeout=5", module, CELERY
         )
         consumers[module] = sorted({q["name"] for queues in json.loads(out).values() for q in queues})
     rows.append(
