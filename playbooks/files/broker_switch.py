@@ -72,11 +72,15 @@ def safe(url):
 
 old = read_env(request["env_file"])
 old_hybrid_url = old.get("CELERY_HYBRID_BROKER_URL") or None
-# django_app writes CELERY_HYBRID_QUEUES whenever it writes a hybrid broker URL; a file without
-# it (written by hand, or by an older kit) gets the inventory's list of hybrid queues, the one
-# hybrid mode uses (and had used, unless the inventory changed it since).
 old_hybrid_queues = [q for q in old.get("CELERY_HYBRID_QUEUES", "").split(",") if q]
-old_hybrid_queues = old_hybrid_queues or request["inventory_hybrid_queues"]
+# django_app writes CELERY_HYBRID_QUEUES whenever it writes a hybrid broker URL. Without it (a file
+# written by hand) the queues the workers served on each broker are unknown: guessing could leave a
+# queue undrained on the old broker.
+if old_hybrid_url and not old_hybrid_queues:
+    raise SystemExit(
+        f"{request['env_file']} has CELERY_HYBRID_BROKER_URL but no CELERY_HYBRID_QUEUES: add the queues "
+        "the workers consume on that broker (comma-separated), then re-run"
+    )
 new_hybrid_queues = request["hybrid_queues"]
 moving = {}  # queue -> old broker URL
 for queue in request["queues"]:
