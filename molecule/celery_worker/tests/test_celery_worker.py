@@ -165,7 +165,7 @@ def test_units_are_sandboxed_and_run_as_the_app_user(host):
         )
         values = dict(line.split("=", 1) for line in props.splitlines())
         assert values == {
-            "User": "sample_app",
+            "User": scenario_setting("django_app", "django_app_user"),
             "NoNewPrivileges": "yes",
             "ProtectSystem": "strict",
             "PrivateTmp": "yes",
