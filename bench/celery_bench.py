@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import typing
 from concurrent.futures import ThreadPoolExecutor
 
 from celery import Celery
@@ -56,11 +57,80 @@ def kit_celery_config():
     return module
 
 
+def without_events(config):
+    config.update(worker_send_task_events=False, task_send_sent_event=False)
+
+
+def without_confirms(config):
+    config["broker_transport_options"] = {
+        key: value for key, value in config["broker_transport_options"].items() if key != "confirm_publish"
+    }
+
+
+def without_priorities(config):
+    """One list per queue on Redis instead of one per priority step, no x-max-priority on RabbitMQ."""
+    options = config["broker_transport_options"]
+    if "priority_steps" in options:
+        options["priority_steps"] = [0]
+        options.pop("queue_order_strategy")
+    config.pop("task_default_priority", None)
+    config["task_queues"] = [
+        Queue(
+            queue.name,
+            queue.exchange,
+            routing_key=queue.routing_key,
+            queue_arguments={
+                key: value for key, value in (queue.queue_arguments or {}).items() if key != "x-max-priority"
+            },
+        )
+        for queue in config["task_queues"]
+    ]
+
+
+def with_early_acks(config):
+    config.update(task_acks_late=False, task_reject_on_worker_lost=False)
+
+
+def options_without(prefix, *added):
+    """A change of the worker's options: those starting with prefix dropped, added appended."""
+    return lambda options: [option for option in options if not option.startswith(prefix)] + list(added)
+
+
+class Variant(typing.NamedTuple):
+    text: str
+    settings: typing.Callable = lambda config: None
+    options: typing.Callable = lambda options: options
+    brokers: tuple = ("rabbitmq", "redis")
+
+
+# The kit with one setting put back to Celery's default (its app settings or its worker's
+# options): what each costs in tasks/s, and what it buys. Run on the no-op worker, and
+# kit-prefetch1 on the I/O worker too.
+KIT_VARIANTS = {
+    "kit-no-events": Variant("no task events (Flower shows no tasks)", settings=without_events),
+    "kit-no-confirms": Variant(
+        "no publisher confirms (a publish the broker never took goes unnoticed)",
+        settings=without_confirms,
+        brokers=("rabbitmq",),
+    ),
+    "kit-no-priorities": Variant("no priorities", settings=without_priorities),
+    "kit-early-acks": Variant("acks before the task runs (a killed worker loses its task)", settings=with_early_acks),
+    "kit-children-kept": Variant("prefork children never replaced", options=options_without("--max-tasks-per-child")),
+    "kit-prefetch1": Variant(
+        "prefetch multiplier 1 (the app's own)", options=options_without("--prefetch", "--prefetch-multiplier=1")
+    ),
+}
+
+
 def make_app(broker_url, profile, queue):
-    """A Celery app for the bench queue ``queue``, with the kit's settings or Celery's defaults."""
+    """A Celery app for the bench queue ``queue``, with the kit's settings (one of them changed in a
+    KIT_VARIANTS profile) or Celery's defaults."""
     app = Celery("bench", broker=broker_url)
     if profile.startswith("kit"):
-        app.conf.update(kit_celery_config().build_celery_config(broker_url, queue_names=(queue,)))
+        config = kit_celery_config().build_celery_config(broker_url, queue_names=(queue,))
+        if profile in KIT_VARIANTS:
+            KIT_VARIANTS[profile].settings(config)
+        app.conf.update(config)
         app.conf.task_routes = None
     app.conf.task_default_queue = queue
     app.conf.worker_hijack_root_logger = False
@@ -201,6 +271,8 @@ def run_case(broker_url, run_dir, profile, kind, pool, concurrency, extra_args=(
     task = app.tasks[f"bench.{kind}"]
     worker = BenchWorker(run_dir, profile, queue, pool, concurrency, extra_args)
     result = {"profile": profile, "kind": kind, "pool": pool, "concurrency": concurrency}
+    if profile in KIT_VARIANTS:
+        result["variant"] = KIT_VARIANTS[profile].text
     try:
         publish(task, f"{queue}-warmup", WARMUP_TASKS)
         wait_done(run_dir, f"{queue}-warmup", WARMUP_TASKS)
@@ -292,6 +364,12 @@ def kit_instance(env_dir, name):
     return pool, int(env["CELERY_WORKER_CONCURRENCY"]), options
 
 
+def variant_worker(profile, kit_worker):
+    """The kit worker's pool, concurrency and options, as a KIT_VARIANTS profile changes them."""
+    pool, concurrency, options = kit_worker
+    return pool, concurrency, KIT_VARIANTS[profile].options(options)
+
+
 def run(url_file, kit_env_dir):
     with open(url_file) as url:
         broker_url = url.read().strip()
@@ -308,10 +386,12 @@ def run(url_file, kit_env_dir):
         for kind in ("noop", "io"):
             cases.append(run_case(broker_url, run_dir, "defaults", kind, "prefork", cores))
             cases.append(run_case(broker_url, run_dir, "kit", kind, *kit[kind]))
-        # The same worker with the app's own prefetch of 1, to show what the role's multiplier buys.
-        pool, concurrency, options = kit["io"]
-        prefetch1 = [option for option in options if not option.startswith("--prefetch")] + ["--prefetch-multiplier=1"]
-        cases.append(run_case(broker_url, run_dir, "kit-prefetch1", "io", pool, concurrency, prefetch1))
+        # The I/O worker with the app's own prefetch of 1, to show what the role's multiplier buys.
+        cases.append(run_case(broker_url, run_dir, "kit-prefetch1", "io", *variant_worker("kit-prefetch1", kit["io"])))
+        broker = kit_celery_config().broker_name(broker_url)
+        for profile, variant in KIT_VARIANTS.items():
+            if broker in variant.brokers:
+                cases.append(run_case(broker_url, run_dir, profile, "noop", *variant_worker(profile, kit["noop"])))
         result["cases"] = cases
         result["loadavg_after"] = loadavg()
     finally:

@@ -24,6 +24,11 @@ def case(results, broker, kind, profile):
     return next(c for c in results["celery"][broker]["cases"] if c["kind"] == kind and c["profile"] == profile)
 
 
+def variants(results, broker):
+    """The no-op cases of the kit with one setting changed (celery_bench.KIT_VARIANTS), in run order."""
+    return [c for c in results["celery"][broker]["cases"] if c["kind"] == "noop" and "variant" in c]
+
+
 def ratio(kit, defaults):
     return f"{kit / defaults:.2f}x"
 
@@ -48,8 +53,8 @@ def markdown(results, seconds):
         + "; ".join(f"{b} {celery[b]['loadavg_before']} -> {celery[b]['loadavg_after']}" for b in BROKERS)
         + ". Above 2 the cores were shared with other work and every figure is lower than on an idle machine.",
         "",
-        "Kit = the sandbox's deployed worker instance (`celery-worker-*.env` beside django_app_env_file) with the app's",
-        "Celery settings (`myproject.celery_config`); defaults = a bare `Celery(broker=URL)`, prefork pool,",
+        "Kit = the sandbox's deployed worker instance (`celery-worker-*.env` beside django_app_env_file) with the",
+        "app's Celery settings (`myproject.celery_config`); defaults = a bare `Celery(broker=URL)`, prefork pool,",
         "concurrency = cores. Throughput is end to end: first task sent to last task finished, bursts",
         "sent by 4 publisher threads (like several web processes). Latency is sent to finished.",
         "",
@@ -120,6 +125,25 @@ def markdown(results, seconds):
         "prefork children are replaced every 200 tasks; its queues have priorities (on Redis, 10 lists per",
         "queue). Its workers reserve 4 messages per slot (the celery_worker role's prefetch multiplier):",
         "with 1, as the app alone would, the email threads wait on the broker (the kit-prefetch1 rows).",
+        "",
+        "## What each kit setting costs: the no-op task with one setting put back to Celery's default",
+        "",
+        "The kit's no-op worker (b), run again with one of its app settings or worker options as Celery",
+        "ships it, the rest unchanged. Above 1.00x the setting costs throughput; what it buys is in the",
+        "middle column.",
+        "",
+        "| broker | setting put back to Celery's default | tasks/s (median of 3) | runs | against the kit |",
+        "|---|---|---|---|---|",
+    ]
+    for broker in BROKERS:
+        kit = case(results, broker, "noop", "kit")["burst"]["tasks_per_s"]
+        for row in variants(results, broker):
+            runs = ", ".join(str(run["tasks_per_s"]) for run in row["runs"])
+            lines.append(
+                f"| {broker} | {row['variant']} | {row['burst']['tasks_per_s']} | {runs} "
+                f"| {ratio(row['burst']['tasks_per_s'], kit)} |"
+            )
+    lines += [
         "",
         "## (c) Signup to welcome email in the sink",
         "",
