@@ -30,7 +30,8 @@ from celery.signals import worker_ready
 from kombu import Connection, Exchange, Queue
 
 IO_SECONDS = 0.05  # the welcome email's SMTP round trips, as a wait that releases the GIL
-NOOP_TASKS = 1000
+# A burst of 2000 runs 2 s at the defaults' rate; bursts of 1000 varied by up to 2x between runs.
+NOOP_TASKS = 2000
 NOOP_REPEATS = 3
 IO_BURST_TASKS = 320
 IO_PACED_TASKS = 150
@@ -91,6 +92,26 @@ def with_early_acks(config):
     config.update(task_acks_late=False, task_reject_on_worker_lost=False)
 
 
+def without_time_limit(config):
+    config["task_time_limit"] = None
+
+
+# What keeps a task from being lost or run twice: acks after the task ran, a requeue when its
+# process dies, RabbitMQ's confirm of every publish, and Redis's redelivery of unacked messages
+# after the visibility timeout, which the time limit keeps longer than any task.
+GUARANTEES = ("task_acks_late", "task_reject_on_worker_lost", "task_time_limit", "broker_transport_options")
+GUARANTEED_TRANSPORT_OPTIONS = ("confirm_publish", "visibility_timeout")
+
+
+def only_guarantees(config):
+    kept = {key: config[key] for key in GUARANTEES if key in config}
+    kept["broker_transport_options"] = {
+        key: value for key, value in kept["broker_transport_options"].items() if key in GUARANTEED_TRANSPORT_OPTIONS
+    }
+    config.clear()
+    config.update(kept)
+
+
 def options_without(prefix, *added):
     """A change of the worker's options: those starting with prefix dropped, added appended."""
     return lambda options: [option for option in options if not option.startswith(prefix)] + list(added)
@@ -115,9 +136,17 @@ KIT_VARIANTS = {
     ),
     "kit-no-priorities": Variant("no priorities", settings=without_priorities),
     "kit-early-acks": Variant("acks before the task runs (a killed worker loses its task)", settings=with_early_acks),
+    "kit-no-time-limit": Variant("no time limit (a stuck task holds its message forever)", settings=without_time_limit),
     "kit-children-kept": Variant("prefork children never replaced", options=options_without("--max-tasks-per-child")),
     "kit-prefetch1": Variant(
         "prefetch multiplier 1 (the app's own)", options=options_without("--prefetch", "--prefetch-multiplier=1")
+    ),
+    # Not one setting: all of them but the guarantees, to show what the guarantees alone cost.
+    "kit-guarantees-only": Variant(
+        "everything but the guarantees (late acks, requeue on a lost worker, time limit, confirms, visibility"
+        " timeout; prefetch 4)",
+        settings=only_guarantees,
+        options=options_without("--max-tasks-per-child"),
     ),
 }
 
@@ -134,6 +163,9 @@ def make_app(broker_url, profile, queue):
         app.conf.task_routes = None
     app.conf.task_default_queue = queue
     app.conf.worker_hijack_root_logger = False
+    # Apart from the app's workers' remote control: Flower turns task events on in every worker it
+    # reaches (enable_events every 5 s), which would measure them in every case.
+    app.conf.control_exchange = "bench"
 
     @app.task(name="bench.noop")
     def noop(phase, sent):

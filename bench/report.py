@@ -112,10 +112,11 @@ def markdown(results, seconds):
     for broker in BROKERS:
         noop = [case(results, broker, "noop", p)["burst"]["tasks_per_s"] for p in ("kit", "defaults")]
         io = [case(results, broker, "io", p)["burst"]["tasks_per_s"] for p in ("kit", "defaults", "kit-prefetch1")]
+        guarantees_only = case(results, broker, "noop", "kit-guarantees-only")["burst"]["tasks_per_s"]
         verdict = "beats" if noop[0] > noop[1] else "does not beat"
         lines.append(
-            f"- {broker}: no-op {ratio(*noop)}, the kit {verdict} Celery's defaults; I/O-bound {ratio(io[0], io[1])},"
-            f" {ratio(io[2], io[1])} with prefetch 1."
+            f"- {broker}: no-op {ratio(*noop)}, the kit {verdict} Celery's defaults ({ratio(guarantees_only, noop[1])}"
+            f" with its guarantees alone); I/O-bound {ratio(io[0], io[1])}, {ratio(io[2], io[1])} with prefetch 1."
         )
     lines += [
         "",
