@@ -19,6 +19,7 @@ from cbk_testlib import (
     scenario_setting,
     scenario_variables,
     wait_for_maildir_message,
+    wait_until,
 )
 from conftest import FRONT
 
@@ -96,6 +97,24 @@ def test_flower_shows_the_workers_of_both_hosts_with_credentials_only(backend, f
     assert http_request(front, url, auth=(FLOWER[0], "wrong-password-123456"), expect=None).status == 401
     hostnames = {name.split("@", 1)[1] for name in http_request(front, url, auth=FLOWER, expect=200).json()}
     assert hostnames == {backend.check_output("uname -n"), front.check_output("uname -n")}
+
+
+def test_flower_shows_a_signup_s_welcome_email_task_though_the_app_sends_no_task_events(flower, front, site):
+    """The app's settings leave task events off; Flower turns them on in the workers it watches."""
+    email = sign_up(front, site)
+    url = f"{flower.api}tasks?limit=1000"
+
+    def succeeded():
+        tasks = http_request(front, url, auth=FLOWER, expect=200).json().values()
+        return [
+            task
+            for task in tasks
+            if task.get("name") == "users.tasks.send_welcome_email"
+            and email in (task.get("args") or "")
+            and task.get("state") == "SUCCESS"
+        ]
+
+    wait_until(succeeded, DELIVERY_SECONDS, f"Flower showing the welcome email task to {email} succeeded")
 
 
 def test_rabbitmq_management_ui_answers_the_admin_only(management, front):
