@@ -415,8 +415,10 @@ def packet_capture(hosts, path="/var/tmp/cbk-capture.pcap"):
 
         wait_until(lambda: not unseen(), 60, lambda: f"the captures of {unseen()} holding their datagram")
     finally:
-        for host in hosts.values():
+        for key, host in hosts.items():
             host.run("systemctl stop %s", unit)
+            # Shown with any failure above, a missing datagram's likeliest cause among them.
+            print(f"{key}: tcpdump {host.run('journalctl -u %s -o cat | grep dropped', unit).stdout.strip()}")
     dropped = {key: tcpdump_dropped(host, unit) for key, host in hosts.items()}
     assert not any(dropped.values()), f"packets the kernel dropped before tcpdump read them: {dropped}"
 

@@ -26,7 +26,7 @@ async def session(reader, writer):
             await reply(writer, "250 slow-smtp")
         elif verb == "DATA":
             await reply(writer, "354 go ahead")
-            while (data := await reader.readline()) not in (b".\r\n", b".\n", b""):
+            while await reader.readline() not in (b".\r\n", b".\n", b""):
                 pass
             accepted += 1
             await reply(writer, f"250 queued as {accepted}")

@@ -94,8 +94,8 @@ def test_each_worker_runs_its_pool_concurrency_and_prefetch(host, nodename):
             assert pool["max-concurrency"] == spec["concurrency"], name
     # Prefork children are recycled and killed at the hard time limit (soft, hard).
     default_pool = stats[f"default@{nodename}"]["pool"]
-    assert default_pool["max-tasks-per-child"] == 200
-    assert default_pool["timeouts"] == [0, 300]
+    assert default_pool["max-tasks-per-child"] == scenario_setting("celery_worker", "celery_worker_max_tasks_per_child")
+    assert default_pool["timeouts"] == [0, scenario_setting("celery_worker", "celery_worker_time_limit")]
 
 
 def test_welcome_email_lands_in_the_mail_sink(host):
