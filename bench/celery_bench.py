@@ -58,8 +58,12 @@ def kit_celery_config():
     return module
 
 
-def without_events(config):
-    config.update(worker_send_task_events=False, task_send_sent_event=False)
+def with_worker_events(config):
+    config["worker_send_task_events"] = True
+
+
+def as_before_issue_20(config):
+    config.update(worker_send_task_events=True, task_send_sent_event=True)
 
 
 def without_confirms(config):
@@ -124,11 +128,12 @@ class Variant(typing.NamedTuple):
     brokers: tuple = ("rabbitmq", "redis")
 
 
-# The kit with one setting put back to Celery's default (its app settings or its worker's
-# options): what each costs in tasks/s, and what it buys. Run on the no-op worker, and
-# kit-prefetch1 on the I/O worker too.
+# The kit with one thing changed in its app settings or its worker's options, most of them put
+# back to Celery's default: what each costs in tasks/s, and what it buys. Run on the no-op
+# worker, and kit-prefetch1 on the I/O worker too.
 KIT_VARIANTS = {
-    "kit-no-events": Variant("no task events (Flower shows no tasks)", settings=without_events),
+    # Not Celery's default: what the deployed workers run while Flower watches them.
+    "kit-flower-events": Variant("worker task events on, as Flower turns them on", settings=with_worker_events),
     "kit-no-confirms": Variant(
         "no publisher confirms (a publish the broker never took goes unnoticed)",
         settings=without_confirms,
@@ -140,6 +145,12 @@ KIT_VARIANTS = {
     "kit-children-kept": Variant("prefork children never replaced", options=options_without("--max-tasks-per-child")),
     "kit-prefetch1": Variant(
         "prefetch multiplier 1 (the app's own)", options=options_without("--prefetch", "--prefetch-multiplier=1")
+    ),
+    # The kit until issue 20, against today's in the same run.
+    "kit-before-issue-20": Variant(
+        "all four task events always on, children replaced every 200 tasks (the kit before issue 20)",
+        settings=as_before_issue_20,
+        options=options_without("--max-tasks-per-child", "--max-tasks-per-child=200"),
     ),
     # Not one setting: all of them but the guarantees, to show what the guarantees alone cost.
     "kit-guarantees-only": Variant(
@@ -163,8 +174,8 @@ def make_app(broker_url, profile, queue):
         app.conf.task_routes = None
     app.conf.task_default_queue = queue
     app.conf.worker_hijack_root_logger = False
-    # Apart from the app's workers' remote control: Flower turns task events on in every worker it
-    # reaches (enable_events every 5 s), which would measure them in every case.
+    # Apart from the app's workers' remote control: Flower's enable_events would turn task events
+    # on in every case (kit-flower-events measures them).
     app.conf.control_exchange = "bench"
 
     @app.task(name="bench.noop")

@@ -124,10 +124,9 @@ def build_celery_config(
         "broker_connection_retry_on_startup": True,
         # Bound every task so the redelivery timeouts below hold.
         "task_time_limit": TASK_TIME_LIMIT,
-        # Task events only while Flower watches: it turns them on in every worker it reaches
-        # (enable_events every 5 s). Always on, they cost the no-op worker 1.3-2x in tasks/s, and
-        # the "sent" event, a second publish per task (confirmed on RabbitMQ), halves the publish
-        # rate (bench/results.md); Flower shows tasks from "received" on without it.
+        # Task events only while Flower watches: it turns the workers' on (enable_events every 5 s).
+        # The "sent" event is a second publish per task, confirmed on RabbitMQ; Flower shows tasks
+        # from "received" on without it. What each costs: bench/results.md.
         "worker_send_task_events": False,
         "task_send_sent_event": False,
         "task_default_queue": DEFAULT_QUEUE,

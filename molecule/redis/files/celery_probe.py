@@ -27,7 +27,8 @@ WORKER_TIMEOUT = 30
 
 app = Celery("celery_probe")
 app.conf.update(build_celery_config(URL, result_backend=URL))
-# As Flower turns them on: the app user's ACL must let the workers publish task events.
+# Task events on, the workers' as Flower turns them on and the "sent" event a project may turn on:
+# the app user's ACL must let both be published.
 app.conf.worker_send_task_events = app.conf.task_send_sent_event = True
 if os.environ["PROBE_CA"]:
     tls = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": os.environ["PROBE_CA"]}
