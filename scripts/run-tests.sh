@@ -76,6 +76,6 @@ printf '%-24s %-4s %6ss\n' total "$([ $failed = 0 ] && echo pass || echo FAIL)" 
 # Last, where a CI summary that keeps only the end of the output still shows it: why tests failed.
 for result in "$LOGS"/*.result; do
   grep -q ' FAIL ' "$result" || continue
-  sed 's/\x1b\[[0-9;]*m//g' "${result%.result}.log" | grep -E '^(FAILED|ERROR) |^E +[A-Za-z.]*(Error|Exception)\b' | cut -c1-200 | tail -n 8
+  sed 's/\x1b\[[0-9;]*m//g' "${result%.result}.log" | grep -E '^(FAILED|ERROR) |^E +[A-Za-z.]*(Error|Exception)\b' | cut -c1-1200 | tail -n 8
 done
 exit $failed

@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-import testinfra
 from cbk_testlib import (
     OTHER_CA_ONLY,
     ansible_playbook,
     broker_entry,
     broker_port,
+    docker_host,
     http_request,
     platform_addresses,
     role_defaults,
@@ -57,7 +57,7 @@ def api(node, path, body=None):
     """A call to a node's HTTP API as the administrator, with a JSON body (POST) or none (GET):
     rabbitmqctl list_queues hangs on this 3.10 cluster when not --local."""
     response = http_request(
-        testinfra.get_host(f"docker://{container(node)}"),
+        docker_host(container(node)),
         f"http://127.0.0.1:{MANAGEMENT_PORT}/api/{path}",
         method="POST" if body else "GET",
         headers={"Content-Type": "application/json"},

@@ -13,12 +13,12 @@ import time
 import uuid
 
 import pytest
-import testinfra
 from cbk_testlib import (
     OTHER_CA_ONLY,
     ansible_playbook,
     broker_entry,
     broker_port,
+    docker_host,
     packet_capture,
     platform_addresses,
     redis_cli,
@@ -50,7 +50,7 @@ SENTINEL_SECONDS = 5
 
 
 def node(name):
-    return testinfra.get_host(f"docker://{name}")
+    return docker_host(name)
 
 
 def cli(client, ip, port, *commands, user=None, ca=HOST_CA):

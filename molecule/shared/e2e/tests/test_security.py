@@ -15,7 +15,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import testinfra
 import yaml
 from cbk_testlib import (
     OTHER_CA_ONLY,
@@ -25,6 +24,7 @@ from cbk_testlib import (
     app_env_file,
     broker_port,
     direct,
+    docker_host,
     e2e_broker,
     host_variable,
     http_request,
@@ -266,7 +266,7 @@ def test_https_at_nginx_and_plain_http_only_redirects(probe_trusts_kit_ca, varia
         ]
     )
     # HSTS only where HTTPS is served; the redirect sets nothing, not even a cookie.
-    probe = testinfra.get_host(f"docker://{PROBE}")
+    probe = docker_host(PROBE)
     headers = {"Host": site.address}
     secure_page = http_request(probe, f"https://{site.address}:{site.port}/signup/", headers=headers)
     redirect = http_request(probe, f"http://{site.address}/signup/", headers=headers, expect=301)
