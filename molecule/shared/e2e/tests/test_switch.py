@@ -30,6 +30,7 @@ from cbk_testlib import (
     mail_tally,
     redis_admin,
     redis_engine,
+    role_defaults,
     scenario_setting,
     settle_mail,
 )
@@ -233,6 +234,22 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     result = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq", inventory=inventory)
     assert result.returncode != 0
     assert "rabbitmq_tls_only is true on a RabbitMQ cluster of 3 hosts" in result.stdout, result.stdout[-2000:]
+
+    # PostgreSQL has no room for every connection the app may hold (gunicorn workers, worker
+    # threads and processes, a switch's drain workers): refused, naming the variable.
+    max_connections = 20
+    result = playbook(
+        "switch_broker.yml",
+        probe_address,
+        "-e",
+        "celery_broker=rabbitmq",
+        "-e",
+        f"postgresql_max_connections={max_connections}",
+    )
+    assert result.returncode != 0
+    reserved = role_defaults("postgresql", "vars")["postgresql__superuser_reserved_connections"]
+    refusal = f"postgresql_max_connections leaves it {max_connections - reserved} (the rest are the superuser's)"
+    assert refusal in " ".join(result.stdout.split()), result.stdout[-2000:]
 
     # The workers' settings are not where django_app_env_file says (the app is installed): the
     # check stops, naming the variable, rather than find no broker to compare and report no switch.
