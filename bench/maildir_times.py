@@ -1,8 +1,10 @@
-"""Delivery times of the bench's welcome emails in the sink's Maildir; prints {recipient: mtime} as JSON.
+"""Delivery times of the bench's welcome emails in the sink's Maildir; prints {recipient: [mtime, ...]}
+as JSON, one time per mail, so a second mail to the same address shows.
 
     python3 maildir_times.py MAILDIR RUN_ID COUNT TIMEOUT
 
-Waits until COUNT mails to bench-RUN_ID-*@bench.invalid have arrived, or TIMEOUT seconds.
+Waits until mails to COUNT addresses bench-RUN_ID-*@bench.invalid have arrived, or TIMEOUT seconds,
+then 5 s more for any duplicate.
 """
 
 import email.parser
@@ -16,7 +18,8 @@ prefix = f"bench-{run_id}-"
 parser = email.parser.BytesHeaderParser()
 arrived, seen = {}, set()
 deadline = time.monotonic() + timeout
-while len(arrived) < count and time.monotonic() < deadline:
+settled = None
+while time.monotonic() < (settled or deadline):
     for folder in ("new", "cur"):
         for entry in os.scandir(os.path.join(maildir, folder)):
             if entry.name in seen:
@@ -25,6 +28,8 @@ while len(arrived) < count and time.monotonic() < deadline:
             with open(entry.path, "rb") as message:
                 recipient = parser.parse(message).get("To", "")
             if recipient.startswith(prefix):
-                arrived[recipient] = entry.stat().st_mtime
+                arrived.setdefault(recipient, []).append(entry.stat().st_mtime)
+    if len(arrived) >= count and settled is None:
+        settled = time.monotonic() + 5
     time.sleep(0.5)
 print(json.dumps(arrived))

@@ -33,8 +33,22 @@ def ratio(kit, defaults):
     return f"{kit / defaults:.2f}x"
 
 
-def signup_latencies(signup):
-    return [signup["arrived"][email] - sent for email, sent in signup["sent"].items() if email in signup["arrived"]]
+def signup_latencies(phase):
+    """Seconds from each signup sent to its first welcome email in the sink."""
+    return [min(phase["arrived"][email]) - sent for email, sent in phase["sent"].items() if email in phase["arrived"]]
+
+
+def signup_phase(results, name):
+    return next(phase for phase in results["signup"] if phase["name"] == name)
+
+
+def io_rows(results, broker):
+    """The I/O cases: the defaults, the kit's email worker, and that worker changed (prefetch, threads)."""
+    return [c for c in results["celery"][broker]["cases"] if c["kind"] == "io"]
+
+
+def runs_text(row):
+    return ", ".join(str(run["tasks_per_s"]) for run in row["runs"])
 
 
 def percentile_ms(values, fraction):
@@ -60,47 +74,45 @@ def markdown(results, seconds):
         "",
         "## (a) I/O-bound task (50 ms wait, like the welcome email's SMTP round trips)",
         "",
-        "| broker | worker | burst tasks/s | burst p50 / p99 ms | peak running | kit/defaults "
-        "| at 30 tasks/s: p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        "| broker | worker | burst tasks/s (median of 3) | runs | burst p50 / p99 ms | peak running | cores busy "
+        "| kit/defaults | at 30 tasks/s: p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for broker in BROKERS:
         defaults = case(results, broker, "io", "defaults")
-        for row in (defaults, case(results, broker, "io", "kit"), case(results, broker, "io", "kit-prefetch1")):
+        for row in io_rows(results, broker):
             burst, paced = row["burst"], row["paced"]
             lines.append(
                 f"| {broker} | {row['profile']} ({row['pool']} x{row['concurrency']}) | {burst['tasks_per_s']} "
-                f"| {burst['p50_ms']} / {burst['p99_ms']} | {burst['peak_running']} "
-                f"| {ratio(burst['tasks_per_s'], defaults['burst']['tasks_per_s'])} "
+                f"| {runs_text(row)} | {burst['p50_ms']} / {burst['p99_ms']} | {burst['peak_running']} "
+                f"| {burst['cpu_busy']:.0%} | {ratio(burst['tasks_per_s'], defaults['burst']['tasks_per_s'])} "
                 f"| {paced['p50_ms']} / {paced['p99_ms']} |"
             )
     lines += [
         "",
         "Burst: the tasks are sent back to back, so latency includes the wait in the queue. Peak running:",
-        "most tasks running at once. kit-prefetch1 is the same worker with the app's prefetch multiplier",
-        "of 1 instead of the celery_worker role's 4 (`celery_worker_prefetch_multiplier`).",
+        "most tasks running at once. Cores busy: the machine's cores during the burst, bench publisher",
+        "and broker included. kit-prefetch1 is the kit's email worker with the app's prefetch multiplier",
+        "of 1 instead of the celery_worker role's 4 (`celery_worker_prefetch_multiplier`); kit-threadsN",
+        "is that worker with N threads.",
         "",
         "## (b) No-op task",
         "",
-        "| broker | worker | tasks/s (median of 3) | runs | sent/s | kit/defaults | reference defaults |",
-        "|---|---|---|---|---|---|---|",
+        "| broker | worker | tasks/s (median of 3) | runs | sent/s | cores busy | kit/defaults | reference defaults |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for broker in BROKERS:
         defaults = case(results, broker, "noop", "defaults")
         for row in (defaults, case(results, broker, "noop", "kit")):
-            runs = ", ".join(str(run["tasks_per_s"]) for run in row["runs"])
             sent = statistics.median(run["published_per_s"] for run in row["runs"])
             reference = f"{REFERENCE_NOOP[broker]}" if row is defaults else ""
             lines.append(
                 f"| {broker} | {row['profile']} ({row['pool']} x{row['concurrency']}) | {row['burst']['tasks_per_s']} "
-                f"| {runs} | {sent} | {ratio(row['burst']['tasks_per_s'], defaults['burst']['tasks_per_s'])} "
-                f"| {reference} |"
+                f"| {runs_text(row)} | {sent} | {row['burst']['cpu_busy']:.0%} "
+                f"| {ratio(row['burst']['tasks_per_s'], defaults['burst']['tasks_per_s'])} | {reference} |"
             )
         kombu = celery[broker]["kombu"]
-        lines.append(f"| {broker} | raw kombu publish/consume (ceiling) | {kombu['tasks_per_s']} | | | | |")
-    signup = results["signup"]
-    latencies = signup_latencies(signup)
-    p50, p99 = (percentile_ms(latencies, 0.5), percentile_ms(latencies, 0.99)) if latencies else ("-", "-")
+        lines.append(f"| {broker} | raw kombu publish/consume (ceiling) | {kombu['tasks_per_s']} | | | | | |")
     lines += [
         "",
         "sent/s: how fast the publisher threads sent the tasks; on RabbitMQ the kit waits for a",
@@ -112,6 +124,7 @@ def markdown(results, seconds):
     for broker in BROKERS:
         noop = [case(results, broker, "noop", p)["burst"]["tasks_per_s"] for p in ("kit", "defaults")]
         io = [case(results, broker, "io", p)["burst"]["tasks_per_s"] for p in ("kit", "defaults", "kit-prefetch1")]
+        fastest_io = max(io_rows(results, broker), key=lambda row: row["burst"]["tasks_per_s"])
         flower, before, guarantees_only = (
             case(results, broker, "noop", profile)["burst"]["tasks_per_s"]
             for profile in ("kit-flower-events", "kit-before-issue-20", "kit-guarantees-only")
@@ -120,7 +133,10 @@ def markdown(results, seconds):
         lines.append(
             f"- {broker}: no-op {ratio(*noop)}, the kit {verdict} Celery's defaults ({ratio(flower, noop[1])} while"
             f" Flower watches, {ratio(before, noop[1])} as it was before issue 20, {ratio(guarantees_only, noop[1])}"
-            f" with its guarantees alone); I/O-bound {ratio(io[0], io[1])}, {ratio(io[2], io[1])} with prefetch 1."
+            f" with its guarantees alone); I/O-bound {ratio(io[0], io[1])}, {ratio(io[2], io[1])} with prefetch 1,"
+            f" at most {fastest_io['burst']['tasks_per_s']} tasks/s"
+            f" ({ratio(fastest_io['burst']['tasks_per_s'], io[1])}, {fastest_io['profile']},"
+            f" cores {fastest_io['burst']['cpu_busy']:.0%} busy)."
         )
     lines += [
         "",
@@ -144,26 +160,54 @@ def markdown(results, seconds):
     for broker in BROKERS:
         kit = case(results, broker, "noop", "kit")["burst"]["tasks_per_s"]
         for row in variants(results, broker):
-            runs = ", ".join(str(run["tasks_per_s"]) for run in row["runs"])
             lines.append(
-                f"| {broker} | {row['variant']} | {row['burst']['tasks_per_s']} | {runs} "
+                f"| {broker} | {row['variant']} | {row['burst']['tasks_per_s']} | {runs_text(row)} "
                 f"| {ratio(row['burst']['tasks_per_s'], kit)} |"
             )
     lines += [
         "",
         "## (c) Signup to welcome email in the sink",
         "",
-        f"{len(signup['sent'])} signups at {signup['rate']}/s through nginx (`/api/signup/` on 127.0.0.1:8080),"
-        f" broker **{results['broker']}** (the sandbox's `celery_broker`; Redis would need a redeploy of",
-        "the app and workers tiers). Latency: signup request sent to the mail's file in the sink's Maildir.",
+        f"Signups through nginx (`/api/signup/` on 127.0.0.1:8080), broker **{results['broker']}** (the",
+        "sandbox's `celery_broker`; the other broker would need a broker switch of the sandbox), each",
+        "signup sent at its time by its own thread. alone: one at a time, what a signup costs the web",
+        "tier; load: the goal's rate. Request: sent to answered. To mail: sent to the mail's file in",
+        "the sink's Maildir.",
         "",
-        "| broker | mails arrived | p50 ms | p99 ms |",
-        "|---|---|---|---|",
-        f"| {results['broker']} | {len(latencies)} of {len(signup['sent'])} | {p50} | {p99} |",
-        "",
-        "![results](results.png)",
-        "",
+        "| phase | signups | answered 201 | request p50 / p99 ms | mails arrived | second mails "
+        "| to mail p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|",
     ]
+    for phase in results["signup"]:
+        latencies = signup_latencies(phase)
+        to_mail = f"{percentile_ms(latencies, 0.5)} / {percentile_ms(latencies, 0.99)}" if latencies else "-"
+        second_mails = sum(len(times) - 1 for times in phase["arrived"].values())
+        lines.append(
+            f"| {phase['name']} | {phase['count']} at {phase['rate']}/s | {len(phase['sent'])} "
+            f"| {percentile_ms(phase['seconds'], 0.5)} / {percentile_ms(phase['seconds'], 0.99)} "
+            f"| {len(latencies)} of {len(phase['sent'])} | {second_mails} | {to_mail} |"
+        )
+    failures = {why for phase in results["signup"] for why in phase["failed"].values()}
+    if failures:
+        lines += ["", "Signups not answered 201: " + "; ".join(sorted(failures)[:5]) + "."]
+    lines += [
+        "",
+        "## Memory of the Celery units on each worker host, after the signup load",
+        "",
+        "Proportional set size (pages shared by prefork children count once), MiB.",
+        "",
+        "| host | "
+        + " | ".join(units := sorted({u for host in results["worker_memory"].values() for u in host}))
+        + " | all |",
+        "|---|" + "---|" * (len(units) + 1),
+    ]
+    for host, memory in results["worker_memory"].items():
+        lines.append(
+            f"| {host} | "
+            + " | ".join(str(memory.get(unit, "-")) for unit in units)
+            + f" | {round(sum(memory.values()), 1)} |"
+        )
+    lines += ["", "![results](results.png)", ""]
     return "\n".join(lines)
 
 
@@ -199,7 +243,7 @@ def plot(results, path):
             labels.append(f"{broker}\n{profile}")
             p50.append(paced["p50_ms"])
             p99.append(paced["p99_ms"])
-    latencies = signup_latencies(results["signup"])
+    latencies = signup_latencies(signup_phase(results, "load"))
     if latencies:
         labels.append(f"signup->mail\n{results['broker']}")
         p50.append(percentile_ms(latencies, 0.5))
