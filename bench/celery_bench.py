@@ -129,6 +129,7 @@ class Variant(typing.NamedTuple):
     settings: typing.Callable = lambda config: None
     options: typing.Callable = lambda options: options
     brokers: tuple = ("rabbitmq", "redis")
+    prompt_acks: bool = True  # the app's PromptAcks worker step
 
 
 # The kit with one thing changed in its app settings or its worker's options, most of them put
@@ -148,6 +149,9 @@ KIT_VARIANTS = {
     "kit-children-kept": Variant("prefork children never replaced", options=options_without("--max-tasks-per-child")),
     "kit-prefetch1": Variant(
         "prefetch multiplier 1 (the app's own)", options=options_without("--prefetch", "--prefetch-multiplier=1")
+    ),
+    "kit-no-prompt-acks": Variant(
+        "without the app's PromptAcks step: a threads pool's acks wait for the event loop to wake", prompt_acks=False
     ),
     # The kit until issue 20, against today's in the same run.
     "kit-before-issue-20": Variant(
@@ -170,11 +174,14 @@ def make_app(broker_url, profile, queue):
     KIT_VARIANTS profile) or Celery's defaults."""
     app = Celery("bench", broker=broker_url)
     if profile.startswith("kit"):
-        config = kit_celery_config().build_celery_config(broker_url, queue_names=(queue,))
-        if profile in KIT_VARIANTS:
-            KIT_VARIANTS[profile].settings(config)
+        kit = kit_celery_config()
+        config = kit.build_celery_config(broker_url, queue_names=(queue,))
+        variant = KIT_VARIANTS.get(profile, Variant("the kit"))
+        variant.settings(config)
         app.conf.update(config)
         app.conf.task_routes = None
+        if variant.prompt_acks:
+            app.steps["worker"].add(kit.PromptAcks)
     app.conf.task_default_queue = queue
     app.conf.worker_hijack_root_logger = False
     # Apart from the app's workers' remote control: Flower's enable_events would turn task events
@@ -447,8 +454,10 @@ def run(url_file, kit_env_dir):
         for kind in ("noop", "io"):
             cases.append(run_case(broker_url, run_dir, "defaults", kind, "prefork", cores))
             cases.append(run_case(broker_url, run_dir, "kit", kind, *kit[kind]))
-        # The I/O worker with the app's own prefetch of 1, to show what the role's multiplier buys.
-        cases.append(run_case(broker_url, run_dir, "kit-prefetch1", "io", *variant_worker("kit-prefetch1", kit["io"])))
+        # The I/O worker with the app's own prefetch of 1, to show what the role's multiplier buys, and
+        # without PromptAcks, what that step buys.
+        for profile in ("kit-prefetch1", "kit-no-prompt-acks"):
+            cases.append(run_case(broker_url, run_dir, profile, "io", *variant_worker(profile, kit["io"])))
         io_pool, _, io_options = kit["io"]
         for threads in IO_THREADS:
             cases.append(run_case(broker_url, run_dir, f"kit-threads{threads}", "io", io_pool, threads, io_options))

@@ -6,7 +6,7 @@ import celery
 from celery import Celery, bootsteps
 from django.conf import settings
 
-from .celery_config import broker_name, dead_letter_queue
+from .celery_config import PromptAcks, broker_name, dead_letter_queue
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "myproject.settings")
 
@@ -63,3 +63,4 @@ class DeclareDeadLetterQueue(bootsteps.StartStopStep):
 
 
 app.steps["consumer"].add(DeclareDeadLetterQueue)
+app.steps["worker"].add(PromptAcks)

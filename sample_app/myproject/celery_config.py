@@ -4,9 +4,12 @@ Plain functions without Django imports, so the broker-specific choices can be
 unit tested; ``settings.py`` turns the result into ``CELERY_*`` settings.
 """
 
+import os
 import ssl
+import threading
 from urllib.parse import urlsplit
 
+from celery import bootsteps
 from kombu import Exchange, Queue
 
 # sentinel:// URLs name Redis Sentinels, which tell kombu where the current Redis primary is.
@@ -47,6 +50,50 @@ SENTINEL_SOCKET_TIMEOUT = 2
 # TLS to Redis (rediss://, or Sentinels that serve TLS): verify the server's certificate against the
 # system's trust store, and its name; kombu otherwise falls back to CERT_NONE for rediss://.
 REDIS_TLS = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
+
+
+class PromptAcks(bootsteps.StartStopStep):
+    """A worker step: the event loop acknowledges a task as soon as a thread of the pool finishes
+    it, not up to a second later.
+
+    With late acks, a threads-pool worker hands each ack to its event loop (``hub.call_soon``),
+    which does not wake the loop: it sleeps in ``poll()`` until a message or a timer, up to a
+    second. Once the worker holds its whole prefetch window, it runs nothing meanwhile (Celery
+    issue 6941): 4 threads ran a 50 ms task at 13/s instead of 80. A pipe in the loop, written
+    to whenever another thread hands it work, ends the wait. Prefork workers are unaffected:
+    their results already arrive through the loop.
+    """
+
+    requires = {"celery.worker.components:Hub"}
+
+    def include_if(self, worker):
+        return worker.use_eventloop
+
+    def start(self, worker):
+        hub, loop_thread = worker.hub, threading.get_ident()
+        self.read_fd, self.write_fd = os.pipe()
+        for fd in (self.read_fd, self.write_fd):
+            os.set_blocking(fd, False)
+        hub.add_reader(self.read_fd, self.drain)
+        call_soon = hub.call_soon
+
+        def call_soon_and_wake(callback, *args):
+            promise = call_soon(callback, *args)
+            if threading.get_ident() != loop_thread:
+                try:
+                    os.write(self.write_fd, b"\0")
+                except BlockingIOError:  # the pipe is full: the loop is already awake
+                    pass
+            return promise
+
+        hub.call_soon = call_soon_and_wake
+
+    def drain(self):
+        try:
+            while os.read(self.read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
 
 def dead_letter_queue(quorum_queues=False):

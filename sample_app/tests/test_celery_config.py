@@ -1,4 +1,7 @@
+import os
+import select
 import ssl
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -12,6 +15,7 @@ from myproject.celery_config import (
     SENTINEL_SOCKET_TIMEOUT,
     TASK_TIME_LIMIT,
     VISIBILITY_TIMEOUT,
+    PromptAcks,
     broker_name,
     build_celery_config,
     build_hybrid_celery_config,
@@ -309,3 +313,37 @@ def test_sentinel_settings_from_an_environment():
     }
     assert sentinel_settings(env) == {**SENTINEL, "tls": True}
     assert sentinel_settings({**env, "CELERY_REDIS_SENTINEL_TLS": ""})["tls"] is False
+
+
+class FakeHub:
+    """What PromptAcks uses of kombu's Hub: call_soon and add_reader."""
+
+    def __init__(self):
+        self.ready, self.readers = [], {}
+
+    def call_soon(self, callback, *args):
+        self.ready.append(callback)
+        return callback
+
+    def add_reader(self, fd, callback):
+        self.readers[fd] = callback
+
+
+def test_prompt_acks_wakes_the_event_loop_when_a_pool_thread_hands_it_work():
+    hub = FakeHub()
+    step = PromptAcks(SimpleNamespace(use_eventloop=True))
+    step.start(SimpleNamespace(hub=hub))
+    (read_fd,) = hub.readers
+    try:
+        hub.call_soon(print)  # from the loop's own thread: no need to wake it
+        assert not select.select([read_fd], [], [], 0)[0]
+        worker_thread = threading.Thread(target=hub.call_soon, args=(print,))
+        worker_thread.start()
+        worker_thread.join()
+        assert select.select([read_fd], [], [], 0)[0], "the loop's poll() would sleep on"
+        assert hub.ready == [print, print]
+        hub.readers[read_fd]()  # the loop reads the wake-up
+        assert not select.select([read_fd], [], [], 0)[0]
+    finally:
+        os.close(step.read_fd)
+        os.close(step.write_fd)

@@ -11,7 +11,7 @@ from kombu import Producer
 
 from analytics.tasks import track_event
 from myproject.celery import app
-from myproject.celery_config import QUEUE_NAMES, broker_name, build_hybrid_celery_config
+from myproject.celery_config import QUEUE_NAMES, PromptAcks, broker_name, build_hybrid_celery_config
 from users.tasks import send_welcome_email
 
 from .test_settings import SAMPLE_APP
@@ -46,6 +46,11 @@ def hybrid_app(settings):
     hybrid_app = importlib.import_module("myproject.celery_hybrid").app
     hybrid_app.conf.update(build_hybrid_celery_config(RABBITMQ_URL, ["analytics"]))
     return hybrid_app
+
+
+def test_both_apps_acknowledge_as_soon_as_a_pool_thread_finishes(hybrid_app):
+    assert PromptAcks in app.steps["worker"]
+    assert PromptAcks in hybrid_app.steps["worker"]
 
 
 def main_broker():
