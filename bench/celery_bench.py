@@ -130,11 +130,12 @@ class Variant(typing.NamedTuple):
     options: typing.Callable = lambda options: options
     brokers: tuple = ("rabbitmq", "redis")
     prompt_acks: bool = True  # the app's PromptAcks worker step
+    kinds: tuple = ("noop",)  # the kit workers it changes: no-op (prefork), io (threads)
 
 
 # The kit with one thing changed in its app settings or its worker's options, most of them put
-# back to Celery's default: what each costs in tasks/s, and what it buys. Run on the no-op
-# worker, and kit-prefetch1 on the I/O worker too.
+# back to Celery's default: what each costs in tasks/s, and what it buys. Each runs on the kit's
+# workers of its kinds: no-op (prefork), I/O (threads).
 KIT_VARIANTS = {
     # Not Celery's default: what the deployed workers run while Flower watches them.
     "kit-flower-events": Variant("worker task events on, as Flower turns them on", settings=with_worker_events),
@@ -148,10 +149,15 @@ KIT_VARIANTS = {
     "kit-no-time-limit": Variant("no time limit (a stuck task holds its message forever)", settings=without_time_limit),
     "kit-children-kept": Variant("prefork children never replaced", options=options_without("--max-tasks-per-child")),
     "kit-prefetch1": Variant(
-        "prefetch multiplier 1 (the app's own)", options=options_without("--prefetch", "--prefetch-multiplier=1")
+        "prefetch multiplier 1 (the app's own)",
+        options=options_without("--prefetch", "--prefetch-multiplier=1"),
+        kinds=("noop", "io"),
     ),
+    # A prefork worker's acks do not wait: only the threads pool's.
     "kit-no-prompt-acks": Variant(
-        "without the app's PromptAcks step: a threads pool's acks wait for the event loop to wake", prompt_acks=False
+        "without the app's PromptAcks step: a threads pool's acks wait for the event loop to wake",
+        prompt_acks=False,
+        kinds=("io",),
     ),
     # The kit until issue 20, against today's in the same run.
     "kit-before-issue-20": Variant(
@@ -454,17 +460,14 @@ def run(url_file, kit_env_dir):
         for kind in ("noop", "io"):
             cases.append(run_case(broker_url, run_dir, "defaults", kind, "prefork", cores))
             cases.append(run_case(broker_url, run_dir, "kit", kind, *kit[kind]))
-        # The I/O worker with the app's own prefetch of 1, to show what the role's multiplier buys, and
-        # without PromptAcks, what that step buys.
-        for profile in ("kit-prefetch1", "kit-no-prompt-acks"):
-            cases.append(run_case(broker_url, run_dir, profile, "io", *variant_worker(profile, kit["io"])))
         io_pool, _, io_options = kit["io"]
         for threads in IO_THREADS:
             cases.append(run_case(broker_url, run_dir, f"kit-threads{threads}", "io", io_pool, threads, io_options))
         broker = kit_celery_config().broker_name(broker_url)
-        for profile, variant in KIT_VARIANTS.items():
-            if broker in variant.brokers:
-                cases.append(run_case(broker_url, run_dir, profile, "noop", *variant_worker(profile, kit["noop"])))
+        for kind in ("io", "noop"):
+            for profile, variant in KIT_VARIANTS.items():
+                if broker in variant.brokers and kind in variant.kinds:
+                    cases.append(run_case(broker_url, run_dir, profile, kind, *variant_worker(profile, kit[kind])))
         result["cases"] = cases
         result["loadavg_after"] = loadavg()
     finally:

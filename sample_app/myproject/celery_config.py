@@ -54,14 +54,14 @@ REDIS_TLS = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
 
 class PromptAcks(bootsteps.StartStopStep):
     """A worker step: the event loop acknowledges a task as soon as a thread of the pool finishes
-    it, not up to a second later.
+    it, not when the loop next wakes up.
 
     With late acks, a threads-pool worker hands each ack to its event loop (``hub.call_soon``),
-    which does not wake the loop: it sleeps in ``poll()`` until a message or a timer, up to a
-    second. Once the worker holds its whole prefetch window, it runs nothing meanwhile (Celery
-    issue 6941): 4 threads ran a 50 ms task at 13/s instead of 80. A pipe in the loop, written
-    to whenever another thread hands it work, ends the wait. Prefork workers are unaffected:
-    their results already arrive through the loop.
+    which does not wake the loop: it sleeps in ``poll()`` until a message, or a timer, comes.
+    Once the worker holds its whole prefetch window, it runs nothing meanwhile (Celery issue
+    6941): 4 threads ran a 50 ms task at 13/s instead of 80. A pipe in the loop, written to
+    whenever another thread hands it work, ends the wait. Prefork workers are unaffected: their
+    results already arrive through the loop.
     """
 
     requires = {"celery.worker.components:Hub"}
@@ -70,11 +70,11 @@ class PromptAcks(bootsteps.StartStopStep):
         return worker.use_eventloop
 
     def start(self, worker):
-        hub, loop_thread = worker.hub, threading.get_ident()
+        # Open for the life of the process: an ack handed over while the worker stops still writes.
         self.read_fd, self.write_fd = os.pipe()
         for fd in (self.read_fd, self.write_fd):
             os.set_blocking(fd, False)
-        hub.add_reader(self.read_fd, self.drain)
+        hub, loop_thread = worker.hub, threading.get_ident()
         call_soon = hub.call_soon
 
         def call_soon_and_wake(callback, *args):
@@ -87,6 +87,10 @@ class PromptAcks(bootsteps.StartStopStep):
             return promise
 
         hub.call_soon = call_soon_and_wake
+
+    def register_with_event_loop(self, worker, hub):
+        # Each time the loop starts: after a lost broker connection it was reset, readers and all.
+        hub.add_reader(self.read_fd, self.drain)
 
     def drain(self):
         try:

@@ -1,5 +1,4 @@
 import os
-import select
 import ssl
 import threading
 from types import SimpleNamespace
@@ -7,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 from celery import Celery
 from kombu import Connection, Queue
+from kombu.asynchronous import Hub
 
 from myproject.celery import DeclareDeadLetterQueue, app
 from myproject.celery_config import (
@@ -315,35 +315,27 @@ def test_sentinel_settings_from_an_environment():
     assert sentinel_settings({**env, "CELERY_REDIS_SENTINEL_TLS": ""})["tls"] is False
 
 
-class FakeHub:
-    """What PromptAcks uses of kombu's Hub: call_soon and add_reader."""
-
-    def __init__(self):
-        self.ready, self.readers = [], {}
-
-    def call_soon(self, callback, *args):
-        self.ready.append(callback)
-        return callback
-
-    def add_reader(self, fd, callback):
-        self.readers[fd] = callback
-
-
 def test_prompt_acks_wakes_the_event_loop_when_a_pool_thread_hands_it_work():
-    hub = FakeHub()
-    step = PromptAcks(SimpleNamespace(use_eventloop=True))
-    step.start(SimpleNamespace(hub=hub))
-    (read_fd,) = hub.readers
+    hub = Hub()
+    worker = SimpleNamespace(hub=hub, use_eventloop=True)
+    step = PromptAcks(worker)
+    step.start(worker)
+    acks = []
     try:
-        hub.call_soon(print)  # from the loop's own thread: no need to wake it
-        assert not select.select([read_fd], [], [], 0)[0]
-        worker_thread = threading.Thread(target=hub.call_soon, args=(print,))
-        worker_thread.start()
-        worker_thread.join()
-        assert select.select([read_fd], [], [], 0)[0], "the loop's poll() would sleep on"
-        assert hub.ready == [print, print]
-        hub.readers[read_fd]()  # the loop reads the wake-up
-        assert not select.select([read_fd], [], [], 0)[0]
+        # The second time after a reset, as the worker's loop starts again after a lost broker connection.
+        for _ in range(2):
+            step.register_with_event_loop(worker, hub)
+            hub.call_soon(acks.append, "from the loop's thread")  # it is awake: no need to wake it
+            assert not hub.poller.poll(0)
+            pool_thread = threading.Thread(target=hub.call_soon, args=(acks.append, "from a pool thread"))
+            pool_thread.start()
+            pool_thread.join()
+            assert [fd for fd, _ in hub.poller.poll(0) or ()] == [step.read_fd], "poll() would sleep on"
+            step.drain()
+            assert not hub.poller.poll(0)
+            hub.reset()
+        assert sorted(acks) == sorted(["from the loop's thread", "from a pool thread"] * 2)  # reset ran them
     finally:
+        hub.close()
         os.close(step.read_fd)
         os.close(step.write_fd)

@@ -11,7 +11,7 @@ the idempotence step proves an unchanged password reports no change."""
 
 import pytest
 import testinfra
-from cbk_testlib import OTHER_CA_ONLY, SYSTEM_CA_BUNDLE, address, tcp_probe
+from cbk_testlib import OTHER_CA_ONLY, SYSTEM_CA_BUNDLE, address, role_defaults, tcp_probe
 
 # Debian release -> PostgreSQL major the role must have found.
 EXPECTED_MAJOR = {"12": "15", "13": "17"}
@@ -26,6 +26,9 @@ def settings(host):
         "db": inventory.get("postgresql_app_db", "app"),
         "user": inventory.get("postgresql_app_user", "app"),
         "password": inventory["postgresql_app_password"],
+        "max_connections": int(
+            inventory.get("postgresql_max_connections", role_defaults("postgresql")["postgresql_max_connections"])
+        ),
     }
 
 
@@ -174,6 +177,17 @@ def test_no_clear_text_app_password_on_disk(host, settings):
     for tree in ("/etc/postgresql", "/var/log/postgresql", "/var/lib/postgresql"):
         found = host.run("grep -rlF -- %s %s", settings["password"], tree)
         assert found.rc == 1, f"{tree}: {found.stdout}{found.stderr}"
+
+
+def test_the_server_has_the_connection_slots_site_yml_counts_on(host, settings):
+    """playbooks/db_connections.yml checks the app's connections against max_connections less the
+    superuser's reserved slots: the running server must have both as the role says."""
+    expected = {
+        "max_connections": settings["max_connections"],
+        "superuser_reserved_connections": role_defaults("postgresql", "vars")["postgresql__superuser_reserved_connections"],
+    }
+    running = {name: int(as_postgres(host, f"SHOW {name}", settings)) for name in expected}
+    assert running == expected
 
 
 def test_passwords_are_stored_as_scram_sha_256(host, settings):
