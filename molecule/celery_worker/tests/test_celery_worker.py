@@ -15,6 +15,7 @@ from cbk_testlib import (
     app_env_file,
     host_variable,
     http_request,
+    role_defaults,
     scenario_setting,
     systemd_seconds,
     tcp_probe,
@@ -23,11 +24,27 @@ from cbk_testlib import (
 
 CLI = scenario_setting("celery_worker", "celery_worker__cli")
 FLOWER_USER, FLOWER_PASSWORD = "admin", "test-flower-Zu6tP4nQa2xL7kWs"
-EXPECTED = {
-    "email": {"queues": ["email"], "pool": "threads", "concurrency": 16, "prefetch_multiplier": 4},
-    "default": {"queues": ["analytics", "celery"], "pool": "prefork", "prefetch_multiplier": 4},
-    "priority": {"queues": ["priority"], "pool": "prefork", "concurrency": 2, "prefetch_multiplier": 1},
-}
+
+
+def expected_instances():
+    """The role's default worker instances, which the scenario keeps, as `celery inspect` reports
+    them: queues sorted, the prefetch multiplier the instance's or the role's, and the concurrency
+    where it is a number (the default instance's is the host's vCPUs)."""
+    prefetch = scenario_setting("celery_worker", "celery_worker_prefetch_multiplier")
+    expected = {}
+    for instance in role_defaults("celery_worker")["celery_worker_instances"]:
+        spec = {
+            "queues": sorted(instance["queues"]),
+            "pool": instance["pool"],
+            "prefetch_multiplier": instance.get("prefetch_multiplier", prefetch),
+        }
+        if isinstance(instance["concurrency"], int):
+            spec["concurrency"] = instance["concurrency"]
+        expected[instance["name"]] = spec
+    return expected
+
+
+EXPECTED = expected_instances()
 UNITS = [f"celery-worker@{name}" for name in EXPECTED]
 
 
