@@ -95,7 +95,7 @@ def markdown(results, seconds):
         "and broker included. kit-prefetch1 is the kit's email worker with the app's prefetch multiplier",
         "of 1 instead of the celery_worker role's 4 (`celery_worker_prefetch_multiplier`);",
         "kit-no-prompt-acks is it without the app's `PromptAcks` worker step (a threads pool's late acks",
-        "then wait for the event loop's next wake-up, up to a second); kit-threadsN is it with N threads.",
+        "then wait for the event loop's next message or timer, 0.8-1.9 s seen); kit-threadsN is it with N threads.",
         "",
         "## (b) No-op task",
         "",
