@@ -78,9 +78,8 @@ test-ha: apt-cache $(APP_VENV)/.installed ## the HA scenarios: 3-node RabbitMQ c
 bench-deploy: sandbox ## site.yml on new sandbox hosts, then warm re-runs: kit ansible.cfg, without Mitogen, empty: bench/deploy.md
 	bash scripts/bench-deploy.sh
 
-bench: toolchain $(BENCH_VENV)/.installed ## Celery tasks/s and latency on the sandbox, RabbitMQ and Redis: bench/results.md
-	start=$$(date +%s) && ansible-playbook playbooks/bench.yml && \
-	  $(BENCH_VENV)/bin/python bench/report.py $$(( $$(date +%s) - start ))
+bench: toolchain $(BENCH_VENV)/.installed ## Celery tasks/s and latency on the sandbox, RabbitMQ and Redis; signups on each broker (switches and back): bench/results.md
+	BENCH_PYTHON=$(BENCH_VENV)/bin/python bash scripts/bench.sh
 
 audit: toolchain ## Lynis on a new host and on a sandbox host after make deploy (AUDIT_HOST, default cbk-web): bench/audit.md
 	ansible-playbook playbooks/audit.yml -e audit_host=$${AUDIT_HOST:-cbk-web}

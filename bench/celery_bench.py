@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -299,23 +300,33 @@ class BenchWorker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # The next worker on this queue announces itself afresh.
+        if os.path.exists(self.ready_file):
+            os.remove(self.ready_file)
 
 
-def publish(task, phase, count, rate=None):
+def publish(task, phase, count, rate=None, send_seconds=None):
     """Send ``count`` tasks at ``rate`` per second, or from PUBLISHERS threads back to back.
 
-    Returns the tasks sent per second.
+    Returns the tasks sent per second; appends how long each send took to ``send_seconds``.
     """
+    send_seconds = [] if send_seconds is None else send_seconds
+
+    def send_one():
+        sent = time.time()
+        task.apply_async((phase, sent))
+        send_seconds.append(time.time() - sent)
+
     start = time.monotonic()
     if rate:
         for i in range(count):
             time.sleep(max(0.0, start + i / rate - time.monotonic()))
-            task.apply_async((phase, time.time()))
+            send_one()
     else:
 
         def send(share):
             for _ in range(share):
-                task.apply_async((phase, time.time()))
+                send_one()
 
         with ThreadPoolExecutor(PUBLISHERS) as publishers:
             shares = [count // PUBLISHERS + (i < count % PUBLISHERS) for i in range(PUBLISHERS)]
@@ -358,6 +369,45 @@ def run_case(broker_url, run_dir, profile, kind, pool, concurrency, extra_args=(
             Queue(queue)(connection.default_channel).delete()
             Exchange(queue)(connection.default_channel).delete()
     log(f"{profile} {kind}: {result['burst']['tasks_per_s']} tasks/s")
+    return result
+
+
+def run_split_case(broker_url, run_dir, profile, pool, concurrency, extra_args=()):
+    """The no-op burst in two halves that do not share the cores: sent with no worker running
+    (the publish path: what each send waits for, confirms included), then drained by a worker
+    started on the full queue (the worker's own rate, no publisher beside it)."""
+    queue = f"bench_split_{profile}"
+    app = make_app(broker_url, profile, queue)
+    task = app.tasks["bench.noop"]
+    result = {"profile": profile, "kind": "noop", "pool": pool, "concurrency": concurrency, "runs": []}
+    with app.connection_for_write() as connection:
+        # Declared before the first send: with no worker yet, nothing else would.
+        app.amqp.queues[queue].bind(connection.default_channel).declare()
+    try:
+        for repeat in range(REPEATS):
+            phase, count, send_seconds = f"{queue}-split{repeat}", BURST_TASKS["noop"], []
+            published_per_s = publish(task, phase, count, send_seconds=send_seconds)
+            worker = BenchWorker(run_dir, profile, queue, pool, concurrency, extra_args)
+            try:
+                done = sorted(done for _, done in wait_done(run_dir, phase, count))
+            finally:
+                worker.stop()
+            result["runs"].append(
+                {
+                    "published_per_s": published_per_s,
+                    "send_p50_ms": round(percentile(send_seconds, 0.5) * 1000, 2),
+                    "send_p99_ms": round(percentile(send_seconds, 0.99) * 1000, 2),
+                    # From the first task done, so the worker's start-up is not counted.
+                    "drained_per_s": round((count - 1) / (done[-1] - done[0]), 1),
+                }
+            )
+    finally:
+        with app.connection_for_write() as connection:
+            Queue(queue)(connection.default_channel).delete()
+            Exchange(queue)(connection.default_channel).delete()
+    for figure in ("published_per_s", "drained_per_s"):
+        result[figure] = statistics.median(run[figure] for run in result["runs"])
+    log(f"{profile} split: sent {result['published_per_s']}/s, drained {result['drained_per_s']}/s")
     return result
 
 
@@ -441,7 +491,7 @@ def kit_instance(env_dir, name):
 def variant_worker(profile, kit_worker):
     """The kit worker's pool, concurrency and options, as a KIT_VARIANTS profile changes them."""
     pool, concurrency, options = kit_worker
-    return pool, concurrency, KIT_VARIANTS[profile].options(options)
+    return pool, concurrency, KIT_VARIANTS.get(profile, Variant("the kit")).options(options)
 
 
 def run(url_file, kit_env_dir):
@@ -469,6 +519,19 @@ def run(url_file, kit_env_dir):
                 if broker in variant.brokers and kind in variant.kinds:
                     cases.append(run_case(broker_url, run_dir, profile, kind, *variant_worker(profile, kit[kind])))
         result["cases"] = cases
+        # The kit's publish path with and without confirms (RabbitMQ), measured apart from the worker.
+        split_profiles = ("defaults", "kit") + (
+            ("kit-no-confirms",) if broker in KIT_VARIANTS["kit-no-confirms"].brokers else ()
+        )
+        result["split"] = [
+            run_split_case(
+                broker_url,
+                run_dir,
+                profile,
+                *(("prefork", cores, ()) if profile == "defaults" else variant_worker(profile, kit["noop"])),
+            )
+            for profile in split_profiles
+        ]
         result["loadavg_after"] = loadavg()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)

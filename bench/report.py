@@ -38,8 +38,8 @@ def signup_latencies(phase):
     return [min(phase["arrived"][email]) - sent for email, sent in phase["sent"].items() if email in phase["arrived"]]
 
 
-def signup_phase(results, name):
-    return next(phase for phase in results["signup"] if phase["name"] == name)
+def signup_phase(phases, name):
+    return next(phase for phase in phases if phase["name"] == name)
 
 
 def io_rows(results, broker):
@@ -119,6 +119,34 @@ def markdown(results, seconds):
         "sent/s: how fast the publisher threads sent the tasks; on RabbitMQ the kit waits for a",
         "publisher confirm on every send.",
         "",
+        "### The same burst in two halves: sent with no worker running, then drained",
+        "",
+        "End to end, the publisher threads, the broker and the worker share the 2 cores. Here the",
+        "burst is sent first (the publish path alone: what each send waits for, a publisher confirm",
+        "included), then a worker is started on the full queue (its own rate, from its first task",
+        "done to its last, with no publisher beside it). Medians of 3.",
+        "",
+        "| broker | worker | sent/s | runs | send p50 / p99 ms | drained tasks/s | runs | kit/defaults: sent, drained |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for broker in BROKERS:
+        split = celery[broker]["split"]
+        defaults = next(row for row in split if row["profile"] == "defaults")
+        for row in split:
+            middle = sorted(row["runs"], key=lambda run: run["published_per_s"])[len(row["runs"]) // 2]
+            lines.append(
+                f"| {broker} | {row['profile']} ({row['pool']} x{row['concurrency']}) | {row['published_per_s']} "
+                f"| {', '.join(str(run['published_per_s']) for run in row['runs'])} "
+                f"| {middle['send_p50_ms']} / {middle['send_p99_ms']} | {row['drained_per_s']} "
+                f"| {', '.join(str(run['drained_per_s']) for run in row['runs'])} "
+                f"| {ratio(row['published_per_s'], defaults['published_per_s'])}, "
+                f"{ratio(row['drained_per_s'], defaults['drained_per_s'])} |"
+            )
+    lines += [
+        "",
+        "Send p50 / p99: of the run with the median sent/s, how long one `apply_async` took.",
+        "kit-no-confirms is the kit without RabbitMQ's publisher confirms.",
+        "",
         "## Kit against defaults",
         "",
     ]
@@ -131,10 +159,13 @@ def markdown(results, seconds):
             for profile in ("kit-flower-events", "kit-before-issue-20", "kit-guarantees-only")
         )
         verdict = "beats" if noop[0] > noop[1] else "does not beat"
+        split = {row["profile"]: row for row in celery[broker]["split"]}
         lines.append(
             f"- {broker}: no-op {ratio(*noop)}, the kit {verdict} Celery's defaults ({ratio(flower, noop[1])} while"
             f" Flower watches, {ratio(before, noop[1])} as it was before issue 20, {ratio(guarantees_only, noop[1])}"
-            f" with its guarantees alone); I/O-bound {ratio(io[0], io[1])}, {ratio(io[2], io[1])} with prefetch 1,"
+            f" with its guarantees alone; in two halves, sent"
+            f" {ratio(split['kit']['published_per_s'], split['defaults']['published_per_s'])} and drained"
+            f" {ratio(split['kit']['drained_per_s'], split['defaults']['drained_per_s'])}); I/O-bound {ratio(io[0], io[1])}, {ratio(io[2], io[1])} with prefetch 1,"
             f" at most {fastest_io['burst']['tasks_per_s']} tasks/s"
             f" ({ratio(fastest_io['burst']['tasks_per_s'], io[1])}, {fastest_io['profile']},"
             f" cores {fastest_io['burst']['cpu_busy']:.0%} busy)."
@@ -165,31 +196,43 @@ def markdown(results, seconds):
                 f"| {broker} | {row['variant']} | {row['burst']['tasks_per_s']} | {runs_text(row)} "
                 f"| {ratio(row['burst']['tasks_per_s'], kit)} |"
             )
+    cores = celery["rabbitmq"]["cores"]
     lines += [
         "",
         "## (c) Signup to welcome email in the sink",
         "",
-        f"Signups through nginx (`/api/signup/` on 127.0.0.1:8080), broker **{results['broker']}** (the",
-        "sandbox's `celery_broker`; the other broker would need a broker switch of the sandbox), each",
-        "signup sent at its time by its own thread. alone: one at a time, what a signup costs the web",
-        "tier (mostly hashing its password: Django's PBKDF2, 1,000,000 iterations); steady: a rate the",
-        "web tier keeps up with; load: the goal's rate. Request: sent to answered. To mail: sent to the",
-        "mail's file in the sink's Maildir.",
+        "Signups through nginx (`/api/signup/` on 127.0.0.1:8080), each sent at its time by its own",
+        f"thread: first on the sandbox's broker (`celery_broker: {results['broker']}`), then on each other",
+        "broker after a broker switch to it (the sandbox is switched back at the end). alone: one at a",
+        "time, what a signup costs the web tier (mostly hashing its password: Django's PBKDF2,",
+        "1,000,000 iterations); steady: a rate the web tier keeps up with; load: the goal's rate.",
+        "Request: sent to answered. To mail: sent to the mail's file in the sink's Maildir.",
         "",
-        "| phase | signups | answered 201 | request p50 / p99 ms | mails arrived | second mails "
+        "| broker | phase | signups | answered 201 | request p50 / p99 ms | mails arrived | second mails "
         "| to mail p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for phase in results["signup"]:
-        latencies = signup_latencies(phase)
-        to_mail = f"{percentile_ms(latencies, 0.5)} / {percentile_ms(latencies, 0.99)}" if latencies else "-"
-        second_mails = sum(len(times) - 1 for times in phase["arrived"].values())
-        lines.append(
-            f"| {phase['name']} | {phase['count']} at {phase['rate']}/s | {len(phase['sent'])} "
-            f"| {percentile_ms(phase['seconds'], 0.5)} / {percentile_ms(phase['seconds'], 0.99)} "
-            f"| {len(latencies)} of {len(phase['sent'])} | {second_mails} | {to_mail} |"
-        )
-    failures = {why for phase in results["signup"] for why in phase["failed"].values()}
+    for broker, phases in results["signup"].items():
+        for phase in phases:
+            latencies = signup_latencies(phase)
+            to_mail = f"{percentile_ms(latencies, 0.5)} / {percentile_ms(latencies, 0.99)}" if latencies else "-"
+            second_mails = sum(len(times) - 1 for times in phase["arrived"].values())
+            lines.append(
+                f"| {broker} | {phase['name']} | {phase['count']} at {phase['rate']}/s | {len(phase['sent'])} "
+                f"| {percentile_ms(phase['seconds'], 0.5)} / {percentile_ms(phase['seconds'], 0.99)} "
+                f"| {len(latencies)} of {len(phase['sent'])} | {second_mails} | {to_mail} |"
+            )
+    hash_s = results["password_hash_cpu_s"]
+    load_rate = signup_phase(results["signup"][results["broker"]], "load")["rate"]
+    lines += [
+        "",
+        f"Each signup hashes its password: {hash_s * 1000:.0f} ms of CPU on the web host (Django's",
+        f"`make_password`, measured there). {cores} cores hash at most {cores / hash_s:.1f} passwords a",
+        f"second, with nothing else running; at {load_rate} signups/s the hashes alone need",
+        f"{load_rate * hash_s:.0f} cores, so the requests queue in front of gunicorn and the p99 grows with",
+        "the length of the load, whichever broker carries the email.",
+    ]
+    failures = {why for phases in results["signup"].values() for phase in phases for why in phase["failed"].values()}
     if failures:
         lines += ["", "Signups not answered 201: " + "; ".join(sorted(failures)[:5]) + "."]
     lines += [
@@ -198,17 +241,20 @@ def markdown(results, seconds):
         "",
         "Proportional set size (pages shared by prefork children count once), MiB.",
         "",
-        "| host | "
-        + " | ".join(units := sorted({u for host in results["worker_memory"].values() for u in host}))
-        + " | all |",
-        "|---|" + "---|" * (len(units) + 1),
-    ]
-    for host, memory in results["worker_memory"].items():
-        lines.append(
-            f"| {host} | "
-            + " | ".join(str(memory.get(unit, "-")) for unit in units)
-            + f" | {round(sum(memory.values()), 1)} |"
+        "| broker | host | "
+        + " | ".join(
+            units := sorted({u for hosts in results["worker_memory"].values() for host in hosts.values() for u in host})
         )
+        + " | all |",
+        "|---|---|" + "---|" * (len(units) + 1),
+    ]
+    for broker, hosts in results["worker_memory"].items():
+        for host, memory in hosts.items():
+            lines.append(
+                f"| {broker} | {host} | "
+                + " | ".join(str(memory.get(unit, "-")) for unit in units)
+                + f" | {round(sum(memory.values()), 1)} |"
+            )
     lines += ["", "![results](results.png)", ""]
     return "\n".join(lines)
 
@@ -245,11 +291,13 @@ def plot(results, path):
             labels.append(f"{broker}\n{profile}")
             p50.append(paced["p50_ms"])
             p99.append(paced["p99_ms"])
-    latencies = signup_latencies(signup_phase(results, "load"))
-    if latencies:
-        labels.append(f"signup->mail\n{results['broker']}")
-        p50.append(percentile_ms(latencies, 0.5))
-        p99.append(percentile_ms(latencies, 0.99))
+    for broker, phases in results["signup"].items():
+        steady = signup_phase(phases, "steady")
+        latencies = signup_latencies(steady)
+        if latencies:
+            labels.append(f"signup->mail\n{broker}, {steady['rate']}/s")
+            p50.append(percentile_ms(latencies, 0.5))
+            p99.append(percentile_ms(latencies, 0.99))
     latency_positions = range(len(labels))
     latency_axes.bar([p - width / 2 for p in latency_positions], p50, width, label="p50")
     latency_axes.bar([p + width / 2 for p in latency_positions], p99, width, label="p99")

@@ -73,8 +73,10 @@ class Results:
         if not self.bench:
             return "run `make bench`"
         rate = {(case["kind"], case["profile"]): case["burst"]["tasks_per_s"] for case in self.bench["cases"]}
+        drained = {row["profile"]: row["drained_per_s"] for row in self.bench["split"]}
         return (
-            f"no-op: kit {rate['noop', 'kit']:.0f}/s, defaults {rate['noop', 'defaults']:.0f}/s, "
+            f"no-op: kit {rate['noop', 'kit']:.0f}/s, defaults {rate['noop', 'defaults']:.0f}/s "
+            f"(drained apart from the publisher: kit {drained['kit']:.0f}/s, defaults {drained['defaults']:.0f}/s), "
             f"raw kombu {self.bench['kombu']['tasks_per_s']:.0f}/s; 50 ms I/O task: kit {rate['io', 'kit']:.0f}/s, "
             f"defaults {rate['io', 'defaults']:.0f}/s"
         )
