@@ -307,6 +307,13 @@ def peer(host):
     return other
 
 
+def journal(host, unit, since=None):
+    """The messages of a unit's journal (or of the units a pattern such as 'celery-worker@*'
+    matches), since the epoch second ``since`` or all of them."""
+    since_args = ("--since", f"@{int(since)}") if since is not None else ()
+    return host.check_output("journalctl --no-pager -o cat -u %s" + " %s" * len(since_args), unit, *since_args)
+
+
 def wait_until(condition, seconds, what, pause=1, tolerate=(subprocess.CalledProcessError,)):
     """condition()'s first true result within seconds, polled every pause; fails naming what did
     not happen (what, or what() for a text known only then). An exception in tolerate (a node
@@ -419,7 +426,8 @@ def packet_capture(hosts, path="/var/tmp/cbk-capture.pcap"):
         for key, host in hosts.items():
             host.run("systemctl stop %s", unit)
             # Shown with any failure above, a missing datagram's likeliest cause among them.
-            print(f"{key}: tcpdump {host.run('journalctl -u %s -o cat | grep dropped', unit).stdout.strip()}")
+            said = [line for line in journal(host, unit).splitlines() if "dropped" in line]
+            print(f"{key}: tcpdump {' '.join(said)}")
     dropped = {key: tcpdump_dropped(host, unit) for key, host in hosts.items()}
     assert not any(dropped.values()), f"packets the kernel dropped before tcpdump read them: {dropped}"
 
@@ -427,7 +435,7 @@ def packet_capture(hosts, path="/var/tmp/cbk-capture.pcap"):
 def tcpdump_dropped(host, unit):
     """The packets tcpdump said, at its stop, the kernel had dropped before it read them."""
     said = wait_until(
-        lambda: re.search(r"(\d+) packets? dropped by kernel", host.check_output("journalctl -u %s -o cat", unit)),
+        lambda: re.search(r"(\d+) packets? dropped by kernel", journal(host, unit)),
         10,
         f"tcpdump's counts at its stop in {unit}'s journal",
     )

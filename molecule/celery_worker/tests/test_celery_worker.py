@@ -15,6 +15,7 @@ from cbk_testlib import (
     app_env_file,
     host_variable,
     http_request,
+    journal,
     role_defaults,
     scenario_setting,
     systemd_seconds,
@@ -79,10 +80,6 @@ def send_welcome_email(host, recipient):
     """Queue the task through the broker as the app does; returns the task id."""
     code = f"from users.tasks import send_welcome_email; print(send_welcome_email.delay({recipient!r}).id)"
     return host.check_output("%s shell -c %s", MANAGE, code).strip().splitlines()[-1]
-
-
-def journal(host, unit, since):
-    return host.check_output("journalctl --no-pager -o cat -u %s --since @%s", unit, str(int(since)))
 
 
 @pytest.mark.parametrize("unit", UNITS)

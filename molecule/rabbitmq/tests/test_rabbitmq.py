@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 import testinfra
-from cbk_testlib import address, amqp_login, broker_entry, broker_port, http_request, run_python, tcp_probe
+from cbk_testlib import address, amqp_login, broker_entry, broker_port, http_request, journal, run_python, tcp_probe
 
 RABBITMQ = broker_entry("rabbitmq")
 AMQP_PORT = broker_port("rabbitmq", "plain")
@@ -190,7 +190,7 @@ def test_service_runs_with_the_file_limit_and_logs_to_the_journal(host):
     beam = host.check_output("pgrep -u rabbitmq -x beam.smp")
     assert open_files(host, beam)[0] == min(65536, container_cap)
     assert host.check_output("systemctl show -P StandardOutput %s", SERVICE) == "journal"
-    assert "Server startup complete" in host.check_output("journalctl -u %s --no-pager -o cat", SERVICE)
+    assert "Server startup complete" in journal(host, SERVICE)
 
 
 def test_listeners_are_bound_to_the_configured_addresses_only(host, broker):

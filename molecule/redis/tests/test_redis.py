@@ -18,6 +18,7 @@ from cbk_testlib import (
     broker_port,
     direct,
     inventory_host,
+    journal,
     other_hosts,
     redis_cli,
     redis_engine,
@@ -370,9 +371,7 @@ def test_app_transactions_survive_a_restart(node, peer, broker):
         broker.wait_ready(peer)
         assert broker.as_user(peer, "celery", "HGET", key, "tag") == "message"
         assert broker.as_user(peer, "celery", "ZRANGE", f"{key}-index", "0", "-1") == "tag"
-        log = node.check_output(
-            "journalctl -u %s --no-pager -o cat --since @%s", broker.engine["server"], str(restarted)
-        )
+        log = journal(node, broker.engine["server"], restarted)
         assert "AOF-loading-client" not in log, "Redis refused part of its append-only file at start"
     finally:
         broker.as_user(peer, "celery", "DEL", key, f"{key}-index")

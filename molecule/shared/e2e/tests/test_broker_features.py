@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from cbk_testlib import MANAGE, e2e_broker, wait_until
+from cbk_testlib import MANAGE, e2e_broker, journal, wait_until
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BROKER = e2e_broker(SCENARIO)
@@ -22,8 +22,7 @@ def save(name, value):
 
 
 def journal_lines(host, unit, since, needle):
-    out = host.check_output("journalctl --no-pager -o cat -u %s --since @%s", unit, str(int(since)))
-    return [line for line in out.splitlines() if needle in line]
+    return [line for line in journal(host, unit, since).splitlines() if needle in line]
 
 
 def test_priorities_with_a_backlog(backend, front):

@@ -15,6 +15,7 @@ from cbk_testlib import (
     e2e_broker,
     host_variable,
     http_request,
+    journal,
     packet_capture,
     scenario_setting,
     scenario_variables,
@@ -46,10 +47,6 @@ def sign_up(client, site):
     )
     assert response.status == 201, response.body
     return email
-
-
-def journal_since(host, unit, since):
-    return host.check_output("journalctl --no-pager -o cat -u %s --since @%s", unit, str(int(since)))
 
 
 def test_readyz_names_the_broker_and_reaches_database_and_broker(backend, site):
@@ -139,6 +136,6 @@ def test_delivery_goes_on_when_one_worker_host_loses_its_workers(request, site, 
         assert wait_for_maildir_message(backend, MAILDIR, email, timeout=DELIVERY_SECONDS), (
             f"no welcome email to {email} with one worker host down"
         )
-        assert "succeeded" in journal_since(survivor, "celery-worker@email", started)
+        assert "succeeded" in journal(survivor, "celery-worker@email", started)
     finally:
         lost.check_output("systemctl start celery-worker@email celery-worker@default celery-worker@priority")

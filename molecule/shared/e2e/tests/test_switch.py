@@ -27,6 +27,7 @@ from cbk_testlib import (
     broker_entry,
     host_variable,
     inventory_args,
+    journal,
     mail_tally,
     redis_admin,
     redis_engine,
@@ -161,8 +162,7 @@ def runs(hosts, ids, since):
     """How often each task id succeeded, across the workers' journals since `since`."""
     counts = dict.fromkeys(ids, 0)
     for host in hosts:
-        out = host.check_output("journalctl --no-pager -o cat -u 'celery-worker@*' --since @%s", str(int(since)))
-        for line in out.splitlines():
+        for line in journal(host, "celery-worker@*", since).splitlines():
             if " succeeded in " in line and "track_event[" in line:
                 task_id = line.split("track_event[", 1)[1].split("]", 1)[0]
                 if task_id in counts:
