@@ -103,6 +103,17 @@ def test_redis_settings():
     assert set(queue_arguments(config).values()) == {None}
 
 
+def test_redis_tasks_go_straight_to_their_queue(monkeypatch):
+    """Through a named exchange kombu's Redis transport reads the exchange's bindings (SMEMBERS)
+    before every send; the kit's direct queues let Celery send on the anonymous exchange."""
+    sent = []
+    monkeypatch.setattr("kombu.Producer.publish", lambda producer, body, **options: sent.append(options))
+    redis_app = Celery("redis-routing", broker="memory://", set_as_current=False)
+    redis_app.conf.update({key: value for key, value in build_celery_config(REDIS_URL).items() if key != "broker_url"})
+    redis_app.send_task("users.tasks.send_welcome_email", ("someone@example.com",), queue="email")
+    assert (sent[0]["exchange"], sent[0]["routing_key"]) == ("", "email")
+
+
 def test_visibility_timeout_outlasts_tasks_and_countdowns():
     assert VISIBILITY_TIMEOUT > TASK_TIME_LIMIT + MAX_COUNTDOWN
     assert send_welcome_email.retry_backoff_max <= MAX_COUNTDOWN
