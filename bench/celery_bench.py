@@ -334,80 +334,116 @@ def publish(task, phase, count, rate=None, send_seconds=None):
     return round(count / (time.monotonic() - start), 1)
 
 
-def run_case(broker_url, run_dir, profile, kind, pool, concurrency, extra_args=()):
-    """One worker configuration on one task kind: warm-up, then the measured phases."""
-    queue = f"bench_{kind}_{profile}"
-    app = make_app(broker_url, profile, queue)
-    task = app.tasks[f"bench.{kind}"]
-    worker = BenchWorker(run_dir, profile, queue, pool, concurrency, extra_args)
-    result = {"profile": profile, "kind": kind, "pool": pool, "concurrency": concurrency}
-    if profile in KIT_VARIANTS:
-        result["variant"] = KIT_VARIANTS[profile].text
-    try:
-        publish(task, f"{queue}-warmup", WARMUP_TASKS)
-        wait_done(run_dir, f"{queue}-warmup", WARMUP_TASKS)
-        runs = []
-        for repeat in range(REPEATS):
-            phase, count = f"{queue}-burst{repeat}", BURST_TASKS[kind]
+class Case(typing.NamedTuple):
+    """One worker configuration on one task kind."""
+
+    profile: str
+    kind: str
+    pool: str
+    concurrency: int
+    options: tuple = ()
+
+
+def in_rounds(cases, run_one):
+    """REPEATS rounds of every case in turn, each run on a worker started for it: a slow spell
+    of the machine falls on every case alike, not on the ones measured during it.
+
+    Returns {case: [run_one(case, repeat), ...]}.
+    """
+    runs = {case: [] for case in cases}
+    for repeat in range(REPEATS):
+        for case in cases:
+            runs[case].append(run_one(case, repeat))
+        log(f"round {repeat + 1} of {REPEATS} done")
+    return runs
+
+
+class BenchQueue:
+    """A case's own queue, app and task; the queue and its exchange are deleted on leaving."""
+
+    def __init__(self, broker_url, case, name):
+        self.name = name
+        self.app = make_app(broker_url, case.profile, name)
+        self.task = self.app.tasks[f"bench.{case.kind}"]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        with self.app.connection_for_write() as connection:
+            Queue(self.name)(connection.default_channel).delete()
+            Exchange(self.name)(connection.default_channel).delete()
+
+
+def run_burst(broker_url, run_dir, case, repeat):
+    """One burst of a case: its worker started and warmed up, the burst sent back to back, and
+    after an I/O case's last burst the paced phase."""
+    with BenchQueue(broker_url, case, f"bench_{case.kind}_{case.profile}") as queue:
+        worker = BenchWorker(run_dir, case.profile, queue.name, case.pool, case.concurrency, case.options)
+        try:
+            publish(queue.task, f"{queue.name}-warmup{repeat}", WARMUP_TASKS)
+            wait_done(run_dir, f"{queue.name}-warmup{repeat}", WARMUP_TASKS)
+            phase, count = f"{queue.name}-burst{repeat}", BURST_TASKS[case.kind]
             cpu_before = cpu_times()
-            published_per_s = publish(task, phase, count)
+            published_per_s = publish(queue.task, phase, count)
             pairs = wait_done(run_dir, phase, count)
-            runs.append(
+            run = (
                 summary(pairs)
                 | {"published_per_s": published_per_s, "cpu_busy": cpu_busy(cpu_before, cpu_times())}
-                | ({"peak_running": peak_running(pairs, IO_SECONDS)} if kind == "io" else {})
+                | ({"peak_running": peak_running(pairs, IO_SECONDS)} if case.kind == "io" else {})
             )
-        result["runs"] = runs
-        result["burst"] = sorted(runs, key=lambda run: run["tasks_per_s"])[len(runs) // 2]
-        if kind == "io":
-            publish(task, f"{queue}-paced", IO_PACED_TASKS, IO_PACED_RATE)
-            result["paced"] = summary(wait_done(run_dir, f"{queue}-paced", IO_PACED_TASKS))
-            result["paced"]["rate"] = IO_PACED_RATE
-    finally:
-        worker.stop()
-        with app.connection_for_write() as connection:
-            Queue(queue)(connection.default_channel).delete()
-            Exchange(queue)(connection.default_channel).delete()
-    log(f"{profile} {kind}: {result['burst']['tasks_per_s']} tasks/s")
-    return result
+            if case.kind == "io" and repeat == REPEATS - 1:
+                publish(queue.task, f"{queue.name}-paced", IO_PACED_TASKS, IO_PACED_RATE)
+                run["paced"] = summary(wait_done(run_dir, f"{queue.name}-paced", IO_PACED_TASKS))
+                run["paced"]["rate"] = IO_PACED_RATE
+        finally:
+            worker.stop()
+    return run
 
 
-def run_split_case(broker_url, run_dir, profile, pool, concurrency, extra_args=()):
+def run_split(broker_url, run_dir, case, repeat):
     """The no-op burst in two halves that do not share the cores: sent with no worker running
     (the publish path: what each send waits for, confirms included), then drained by a worker
     started on the full queue (the worker's own rate, no publisher beside it)."""
-    queue = f"bench_split_{profile}"
-    app = make_app(broker_url, profile, queue)
-    task = app.tasks["bench.noop"]
-    result = {"profile": profile, "kind": "noop", "pool": pool, "concurrency": concurrency, "runs": []}
-    with app.connection_for_write() as connection:
-        # Declared before the first send: with no worker yet, nothing else would.
-        app.amqp.queues[queue].bind(connection.default_channel).declare()
-    try:
-        for repeat in range(REPEATS):
-            phase, count, send_seconds = f"{queue}-split{repeat}", BURST_TASKS["noop"], []
-            published_per_s = publish(task, phase, count, send_seconds=send_seconds)
-            worker = BenchWorker(run_dir, profile, queue, pool, concurrency, extra_args)
-            try:
-                done = sorted(done for _, done in wait_done(run_dir, phase, count))
-            finally:
-                worker.stop()
-            result["runs"].append(
-                {
-                    "published_per_s": published_per_s,
-                    "send_p50_ms": round(percentile(send_seconds, 0.5) * 1000, 2),
-                    "send_p99_ms": round(percentile(send_seconds, 0.99) * 1000, 2),
-                    # From the first task done, so the worker's start-up is not counted.
-                    "drained_per_s": round((count - 1) / (done[-1] - done[0]), 1),
-                }
-            )
-    finally:
-        with app.connection_for_write() as connection:
-            Queue(queue)(connection.default_channel).delete()
-            Exchange(queue)(connection.default_channel).delete()
+    with BenchQueue(broker_url, case, f"bench_split_{case.profile}") as queue:
+        with queue.app.connection_for_write() as connection:
+            # Declared before the first send: with no worker yet, nothing else would.
+            queue.app.amqp.queues[queue.name].bind(connection.default_channel).declare()
+        phase, count, send_seconds = f"{queue.name}-split{repeat}", BURST_TASKS["noop"], []
+        published_per_s = publish(queue.task, phase, count, send_seconds=send_seconds)
+        worker = BenchWorker(run_dir, case.profile, queue.name, case.pool, case.concurrency, case.options)
+        try:
+            done = sorted(done for _, done in wait_done(run_dir, phase, count))
+        finally:
+            worker.stop()
+    return {
+        "published_per_s": published_per_s,
+        "send_p50_ms": round(percentile(send_seconds, 0.5) * 1000, 2),
+        "send_p99_ms": round(percentile(send_seconds, 0.99) * 1000, 2),
+        # From the first task done, so the worker's start-up is not counted.
+        "drained_per_s": round((count - 1) / (done[-1] - done[0]), 1),
+    }
+
+
+def case_result(case, runs):
+    """A case's runs as the report reads them: the median burst, an I/O case's paced phase."""
+    result = {"profile": case.profile, "kind": case.kind, "pool": case.pool, "concurrency": case.concurrency}
+    if case.profile in KIT_VARIANTS:
+        result["variant"] = KIT_VARIANTS[case.profile].text
+    if "paced" in runs[-1]:
+        result["paced"] = runs[-1].pop("paced")
+    result["runs"] = runs
+    result["burst"] = sorted(runs, key=lambda run: run["tasks_per_s"])[len(runs) // 2]
+    log(f"{case.profile} {case.kind}: {result['burst']['tasks_per_s']} tasks/s")
+    return result
+
+
+def split_result(case, runs):
+    result = {"profile": case.profile, "kind": case.kind, "pool": case.pool, "concurrency": case.concurrency}
+    result["runs"] = runs
     for figure in ("published_per_s", "drained_per_s"):
-        result[figure] = statistics.median(run[figure] for run in result["runs"])
-    log(f"{profile} split: sent {result['published_per_s']}/s, drained {result['drained_per_s']}/s")
+        result[figure] = statistics.median(run[figure] for run in runs)
+    log(f"{case.profile} split: sent {result['published_per_s']}/s, drained {result['drained_per_s']}/s")
     return result
 
 
@@ -485,13 +521,13 @@ def kit_instance(env_dir, name):
     options = [f"--prefetch-multiplier={env['CELERY_WORKER_PREFETCH_MULTIPLIER']}"]
     if pool == "prefork":
         options.append(f"--max-tasks-per-child={env['CELERY_WORKER_MAX_TASKS_PER_CHILD']}")
-    return pool, int(env["CELERY_WORKER_CONCURRENCY"]), options
+    return pool, int(env["CELERY_WORKER_CONCURRENCY"]), tuple(options)
 
 
 def variant_worker(profile, kit_worker):
     """The kit worker's pool, concurrency and options, as a KIT_VARIANTS profile changes them."""
     pool, concurrency, options = kit_worker
-    return pool, concurrency, KIT_VARIANTS.get(profile, Variant("the kit")).options(options)
+    return pool, concurrency, tuple(KIT_VARIANTS.get(profile, Variant("the kit")).options(options))
 
 
 def run(url_file, kit_env_dir):
@@ -508,30 +544,25 @@ def run(url_file, kit_env_dir):
         result["kombu"] = kombu_ceiling(broker_url)
         cases = []
         for kind in ("noop", "io"):
-            cases.append(run_case(broker_url, run_dir, "defaults", kind, "prefork", cores))
-            cases.append(run_case(broker_url, run_dir, "kit", kind, *kit[kind]))
+            cases.append(Case("defaults", kind, "prefork", cores))
+            cases.append(Case("kit", kind, *kit[kind]))
         io_pool, _, io_options = kit["io"]
-        for threads in IO_THREADS:
-            cases.append(run_case(broker_url, run_dir, f"kit-threads{threads}", "io", io_pool, threads, io_options))
+        cases += [Case(f"kit-threads{threads}", "io", io_pool, threads, io_options) for threads in IO_THREADS]
         broker = kit_celery_config().broker_name(broker_url)
-        for kind in ("io", "noop"):
-            for profile, variant in KIT_VARIANTS.items():
-                if broker in variant.brokers and kind in variant.kinds:
-                    cases.append(run_case(broker_url, run_dir, profile, kind, *variant_worker(profile, kit[kind])))
-        result["cases"] = cases
-        # The kit's publish path with and without confirms (RabbitMQ), measured apart from the worker.
-        split_profiles = ("defaults", "kit") + (
-            ("kit-no-confirms",) if broker in KIT_VARIANTS["kit-no-confirms"].brokers else ()
-        )
-        result["split"] = [
-            run_split_case(
-                broker_url,
-                run_dir,
-                profile,
-                *(("prefork", cores, ()) if profile == "defaults" else variant_worker(profile, kit["noop"])),
-            )
-            for profile in split_profiles
+        cases += [
+            Case(profile, kind, *variant_worker(profile, kit[kind]))
+            for kind in ("io", "noop")
+            for profile, variant in KIT_VARIANTS.items()
+            if broker in variant.brokers and kind in variant.kinds
         ]
+        bursts = in_rounds(cases, lambda case, repeat: run_burst(broker_url, run_dir, case, repeat))
+        result["cases"] = [case_result(case, runs) for case, runs in bursts.items()]
+        # The kit's publish path with and without confirms (RabbitMQ), measured apart from the worker.
+        split_cases = [Case("defaults", "noop", "prefork", cores), Case("kit", "noop", *kit["noop"])]
+        if broker in KIT_VARIANTS["kit-no-confirms"].brokers:
+            split_cases.append(Case("kit-no-confirms", "noop", *variant_worker("kit-no-confirms", kit["noop"])))
+        splits = in_rounds(split_cases, lambda case, repeat: run_split(broker_url, run_dir, case, repeat))
+        result["split"] = [split_result(case, runs) for case, runs in splits.items()]
         result["loadavg_after"] = loadavg()
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
