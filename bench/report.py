@@ -129,7 +129,8 @@ def markdown(results, seconds):
         "included), then a worker is started on the full queue (its own rate, from its first task",
         "done to its last, with no publisher beside it). 3 rounds, taking turns; medians.",
         "",
-        "| broker | worker | sent/s | runs | send p50 / p99 ms | drained tasks/s | runs | kit/defaults: sent, drained |",
+        "| broker | worker | sent/s | runs | send p50 / p99 ms | drained tasks/s | runs "
+        "| kit/defaults: sent, drained |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for broker in BROKERS:
@@ -168,7 +169,8 @@ def markdown(results, seconds):
             f" Flower watches, {ratio(before, noop[1])} as it was before issue 20, {ratio(guarantees_only, noop[1])}"
             f" with its guarantees alone; in two halves, sent"
             f" {ratio(split['kit']['published_per_s'], split['defaults']['published_per_s'])} and drained"
-            f" {ratio(split['kit']['drained_per_s'], split['defaults']['drained_per_s'])}); I/O-bound {ratio(io[0], io[1])}, {ratio(io[2], io[1])} with prefetch 1,"
+            f" {ratio(split['kit']['drained_per_s'], split['defaults']['drained_per_s'])});"
+            f" I/O-bound {ratio(io[0], io[1])}, {ratio(io[2], io[1])} with prefetch 1,"
             f" at most {fastest_io['burst']['tasks_per_s']} tasks/s"
             f" ({ratio(fastest_io['burst']['tasks_per_s'], io[1])}, {fastest_io['profile']},"
             f" cores {fastest_io['burst']['cpu_busy']:.0%} busy)."
