@@ -17,7 +17,9 @@ left_switched() {
     "back to the inventory's broker: ansible-playbook playbooks/switch_broker.yml" >&2
 }
 trap left_switched EXIT
-for broker in $(python3 -c 'import json; print(*json.load(open("bench/results.json"))["signup_brokers_left"])'); do
+# Read first: a failure inside the for's word list would not stop the script.
+other_brokers=$(python3 -c 'import json; print(*json.load(open("bench/results.json"))["signup_brokers_left"])')
+for broker in $other_brokers; do
   switched=$broker
   ansible-playbook playbooks/switch_broker.yml -e "celery_broker=$broker"
   ansible-playbook playbooks/bench_signups.yml -e "celery_broker=$broker"

@@ -426,8 +426,11 @@ def packet_capture(hosts, path="/var/tmp/cbk-capture.pcap"):
         for key, host in hosts.items():
             host.run("systemctl stop %s", unit)
             # Shown with any failure above, a missing datagram's likeliest cause among them.
-            said = [line for line in journal(host, unit).splitlines() if "dropped" in line]
-            print(f"{key}: tcpdump {' '.join(said)}")
+            try:
+                said = " ".join(line for line in journal(host, unit).splitlines() if "dropped" in line)
+            except AssertionError as error:  # a diagnostic: never hide the failure above
+                said = f"(journal not read: {error})"
+            print(f"{key}: tcpdump {said}")
     dropped = {key: tcpdump_dropped(host, unit) for key, host in hosts.items()}
     assert not any(dropped.values()), f"packets the kernel dropped before tcpdump read them: {dropped}"
 
