@@ -425,9 +425,14 @@ def run_split(broker_url, run_dir, case, repeat):
     }
 
 
+def case_fields(case):
+    """What the report shows of a case's worker (not its options)."""
+    return {"profile": case.profile, "kind": case.kind, "pool": case.pool, "concurrency": case.concurrency}
+
+
 def case_result(case, runs):
     """A case's runs as the report reads them: the median burst, an I/O case's paced phase."""
-    result = {"profile": case.profile, "kind": case.kind, "pool": case.pool, "concurrency": case.concurrency}
+    result = case_fields(case)
     if case.profile in KIT_VARIANTS:
         result["variant"] = KIT_VARIANTS[case.profile].text
     if "paced" in runs[-1]:
@@ -439,8 +444,7 @@ def case_result(case, runs):
 
 
 def split_result(case, runs):
-    result = {"profile": case.profile, "kind": case.kind, "pool": case.pool, "concurrency": case.concurrency}
-    result["runs"] = runs
+    result = case_fields(case) | {"runs": runs}
     for figure in ("published_per_s", "drained_per_s"):
         result[figure] = statistics.median(run[figure] for run in runs)
     log(f"{case.profile} split: sent {result['published_per_s']}/s, drained {result['drained_per_s']}/s")
@@ -558,9 +562,9 @@ def run(url_file, kit_env_dir):
         bursts = in_rounds(cases, lambda case, repeat: run_burst(broker_url, run_dir, case, repeat))
         result["cases"] = [case_result(case, runs) for case, runs in bursts.items()]
         # The kit's publish path with and without confirms (RabbitMQ), measured apart from the worker.
-        split_cases = [Case("defaults", "noop", "prefork", cores), Case("kit", "noop", *kit["noop"])]
-        if broker in KIT_VARIANTS["kit-no-confirms"].brokers:
-            split_cases.append(Case("kit-no-confirms", "noop", *variant_worker("kit-no-confirms", kit["noop"])))
+        split_cases = [
+            case for case in cases if case.kind == "noop" and case.profile in ("defaults", "kit", "kit-no-confirms")
+        ]
         splits = in_rounds(split_cases, lambda case, repeat: run_split(broker_url, run_dir, case, repeat))
         result["split"] = [split_result(case, runs) for case, runs in splits.items()]
         result["loadavg_after"] = loadavg()

@@ -47,8 +47,8 @@ def io_rows(results, broker):
     return [c for c in results["celery"][broker]["cases"] if c["kind"] == "io"]
 
 
-def runs_text(row):
-    return ", ".join(str(run["tasks_per_s"]) for run in row["runs"])
+def runs_text(row, figure="tasks_per_s"):
+    return ", ".join(str(run[figure]) for run in row["runs"])
 
 
 def percentile_ms(values, fraction):
@@ -140,9 +140,9 @@ def markdown(results, seconds):
             middle = sorted(row["runs"], key=lambda run: run["published_per_s"])[len(row["runs"]) // 2]
             lines.append(
                 f"| {broker} | {row['profile']} ({row['pool']} x{row['concurrency']}) | {row['published_per_s']} "
-                f"| {', '.join(str(run['published_per_s']) for run in row['runs'])} "
+                f"| {runs_text(row, 'published_per_s')} "
                 f"| {middle['send_p50_ms']} / {middle['send_p99_ms']} | {row['drained_per_s']} "
-                f"| {', '.join(str(run['drained_per_s']) for run in row['runs'])} "
+                f"| {runs_text(row, 'drained_per_s')} "
                 f"| {ratio(row['published_per_s'], defaults['published_per_s'])}, "
                 f"{ratio(row['drained_per_s'], defaults['drained_per_s'])} |"
             )
