@@ -59,9 +59,11 @@ class Results:
         return f"priority {served} served first (first 10 run: {order})"
 
     def dead_letter(self):
-        count = self.features["dead_letter"]["dead_lettered"]
+        dead = self.features["dead_letter"]
+        reasons = " / ".join(dict.fromkeys(dead["reasons"].values()))
         return (
-            f"{count} failed task in `dead_letter`" if count else "none: the failed task is acknowledged, only logged"
+            f"{dead['dead_lettered']} of {dead['failed']} failed tasks in `dead_letter` ({reasons}); listed, one replayed "
+            f"(ran {dead['replay_runs']} time), one purged"
         )
 
     def probes(self):
@@ -138,8 +140,9 @@ def main():
         row(
             "Dead-lettering",
             Results.dead_letter,
-            "test_broker_features.py::test_a_finally_failed_task_is_dead_lettered_on_rabbitmq_and_dropped_on_redis",
-            "Right: Redis has none.",
+            "test_broker_features.py::test_failed_tasks_are_dead_lettered_listed_replayed_once_and_purged",
+            "Right that Redis has none, but the kit's workers keep failed tasks in a bounded list, "
+            "and playbooks/dead_letters.yml lists, replays and purges both alike.",
         ),
         row(
             "Monitoring UI",

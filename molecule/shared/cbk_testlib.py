@@ -314,6 +314,30 @@ def journal(host, unit, since=None):
     return host.check_output("journalctl --no-pager -o cat -u %s" + " %s" * len(since_args), unit, *since_args)
 
 
+def task_runs(hosts, ids, since):
+    """How often each task id succeeded, across the hosts' Celery workers' journals since the
+    epoch second ``since`` (Celery logs ``Task <name>[<id>] succeeded in ...``)."""
+    counts = dict.fromkeys(ids, 0)
+    for host in hosts:
+        for line in journal(host, "celery-worker@*", since).splitlines():
+            if match := re.search(r"\[([^\]]+)\] succeeded in ", line):
+                if match[1] in counts:
+                    counts[match[1]] += 1
+    return counts
+
+
+def wait_for_task_runs(hosts, ids, since, seconds=180):
+    """task_runs() once every task ran or after seconds, and a few seconds more, in which a
+    second run of any of them would show."""
+    deadline = time.monotonic() + seconds
+    while True:
+        counts = task_runs(hosts, ids, since)
+        if all(counts.values()) or time.monotonic() > deadline:
+            time.sleep(3)
+            return task_runs(hosts, ids, since)
+        time.sleep(3)
+
+
 def wait_until(condition, seconds, what, pause=1, tolerate=(subprocess.CalledProcessError,)):
     """condition()'s first true result within seconds, polled every pause; fails naming what did
     not happen (what, or what() for a text known only then). An exception in tolerate (a node

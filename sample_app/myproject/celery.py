@@ -1,12 +1,20 @@
 """Celery app: ``celery -A myproject worker``; hybrid mode adds the one in ``celery_hybrid.py``."""
 
 import os
+from datetime import UTC, datetime
 
 import celery
-from celery import Celery, bootsteps
+from celery import Celery, bootsteps, signals
 from django.conf import settings
 
-from .celery_config import PromptAcks, broker_name, dead_letter_queue
+from .celery_config import (
+    DEAD_LETTER_QUEUE,
+    REDIS_DEAD_LETTERS_KEPT,
+    PromptAcks,
+    broker_name,
+    dead_letter_queue,
+    redis_death_headers,
+)
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "myproject.settings")
 
@@ -60,6 +68,38 @@ class DeclareDeadLetterQueue(bootsteps.StartStopStep):
         quorum_queues = consumer.app.conf.task_default_queue_type == "quorum"
         with consumer.connection.channel() as channel:
             dead_letter_queue(quorum_queues)(channel).declare()
+
+
+@signals.task_failure.connect
+def keep_failed_task_on_redis(sender, task_id, exception, args, kwargs, **_):
+    """On Redis, keep a task that finally failed in the dead-letter list, as RabbitMQ keeps its
+    dead letters: the same message, with the headers RabbitMQ would give it.
+
+    Retries are no failure. Late acks: this runs before the task's message is acknowledged, so a
+    worker lost meanwhile leaves the task to be delivered again, as on RabbitMQ (at least once).
+    """
+    request = sender.request
+    if request.is_eager or broker_name(sender.app.conf.broker_read_url) != "redis":
+        return
+    message = sender.app.amqp.create_task_message(
+        task_id, sender.name, args, kwargs, root_id=request.root_id, parent_id=request.parent_id
+    )
+    delivery = request.delivery_info
+    headers = redis_death_headers(delivery["routing_key"], delivery.get("priority"), exception, datetime.now(UTC))
+    with sender.app.producer_or_acquire() as producer:
+        producer.publish(
+            message.body,
+            exchange="",
+            routing_key=DEAD_LETTER_QUEUE,
+            headers={**message.headers, **headers},
+            serializer=sender.serializer,
+            # kombu's list for priority 0 is the queue's own name, the one trimmed below.
+            priority=0,
+            retry=True,
+            retry_policy=sender.app.conf.task_publish_retry_policy,
+            **message.properties,
+        )
+        producer.channel.client.ltrim(DEAD_LETTER_QUEUE, 0, REDIS_DEAD_LETTERS_KEPT - 1)
 
 
 app.steps["consumer"].add(DeclareDeadLetterQueue)

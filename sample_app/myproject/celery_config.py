@@ -43,6 +43,10 @@ DEFAULT_PRIORITY = 5
 # Fanout, so messages arrive whatever routing key they are dead-lettered with,
 # including when a server policy sets only the dead-letter exchange.
 DEAD_LETTER_EXCHANGE = Exchange("celery.dlx", type="fanout")
+DEAD_LETTER_QUEUE = "dead_letter"
+# Redis has no dead-lettering: the workers keep each finally failed task in the list of that name
+# instead, the newest this many (playbooks/dead_letters.yml lists and replays both brokers' alike).
+REDIS_DEAD_LETTERS_KEPT = 1000
 QUORUM_QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
 # Seconds to connect to, and wait for, one Sentinel before asking the next: a Sentinel whose host
 # is down must not stall finding the primary. Its answers are small and immediate.
@@ -106,7 +110,16 @@ def dead_letter_queue(quorum_queues=False):
     The rabbitmq role declares it with the same arguments; RabbitMQ refuses a redeclaration with others.
     """
     arguments = dict(QUORUM_QUEUE_ARGUMENTS) if quorum_queues else None
-    return Queue("dead_letter", DEAD_LETTER_EXCHANGE, queue_arguments=arguments)
+    return Queue(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, queue_arguments=arguments)
+
+
+def redis_death_headers(queue, priority, exception, now):
+    """The headers a finally failed task is kept with on Redis: RabbitMQ's ``x-death`` of a dead
+    letter, so that one tool reads both, and the task's priority, which a replay gives back (the
+    list holds every dead letter at one priority). The reason names the exception's type only:
+    its message may quote the task's arguments; the worker's log has it."""
+    death = {"queue": queue, "reason": f"failed: {type(exception).__name__}", "count": 1, "time": now.isoformat()}
+    return {"x-death": [death], "x-priority": priority}
 
 
 def broker_scheme(url):

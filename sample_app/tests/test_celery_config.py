@@ -8,10 +8,12 @@ from celery import Celery
 from kombu import Connection, Queue
 from kombu.asynchronous import Hub
 
-from myproject.celery import DeclareDeadLetterQueue, app
+from myproject.celery import DeclareDeadLetterQueue, app, keep_failed_task_on_redis
 from myproject.celery_config import (
+    DEAD_LETTER_QUEUE,
     MAX_COUNTDOWN,
     QUEUE_NAMES,
+    REDIS_DEAD_LETTERS_KEPT,
     SENTINEL_SOCKET_TIMEOUT,
     TASK_TIME_LIMIT,
     VISIBILITY_TIMEOUT,
@@ -350,3 +352,58 @@ def test_prompt_acks_wakes_the_event_loop_when_a_pool_thread_hands_it_work():
         hub.close()
         os.close(step.read_fd)
         os.close(step.write_fd)
+
+
+class RecordingProducer:
+    """What keep_failed_task_on_redis sends through the app's producer."""
+
+    def __init__(self):
+        self.published, self.trimmed = [], []
+        self.channel = SimpleNamespace(client=SimpleNamespace(ltrim=lambda *args: self.trimmed.append(args)))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def publish(self, body, **options):
+        self.published.append((body, options))
+
+
+def failed_task(broker_url, producer, is_eager=False):
+    request = SimpleNamespace(
+        is_eager=is_eager,
+        root_id=None,
+        parent_id=None,
+        delivery_info={"routing_key": "analytics", "priority": 7},
+    )
+    task_app = SimpleNamespace(
+        conf=SimpleNamespace(broker_read_url=broker_url, task_publish_retry_policy={}),
+        amqp=app.amqp,
+        producer_or_acquire=lambda: producer,
+    )
+    return SimpleNamespace(app=task_app, request=request, name="analytics.tasks.track_event", serializer="json")
+
+
+def test_a_task_that_finally_failed_on_redis_is_kept_in_the_bounded_dead_letter_list():
+    producer = RecordingProducer()
+    error = ValueError("the token abc123 was refused")
+    keep_failed_task_on_redis(failed_task(REDIS_URL, producer), "id-1", error, ("e-1", "signup"), {"plan": "pro"})
+    ((body, options),) = producer.published
+    args, kwargs, _embed = body
+    assert (args, kwargs) == (("e-1", "signup"), {"plan": "pro"})
+    assert (options["exchange"], options["routing_key"], options["priority"]) == ("", DEAD_LETTER_QUEUE, 0)
+    headers = options["headers"]
+    assert (headers["id"], headers["task"], headers["x-priority"]) == ("id-1", "analytics.tasks.track_event", 7)
+    (death,) = headers["x-death"]
+    # Where it died and why, without the exception's message (it may quote arguments).
+    assert (death["queue"], death["reason"], death["count"]) == ("analytics", "failed: ValueError", 1)
+    assert producer.trimmed == [(DEAD_LETTER_QUEUE, 0, REDIS_DEAD_LETTERS_KEPT - 1)]
+
+
+@pytest.mark.parametrize("broker_url, is_eager", [(RABBITMQ_URL, False), (REDIS_URL, True)])
+def test_rabbitmq_dead_letters_itself_and_eager_runs_keep_nothing(broker_url, is_eager):
+    producer = RecordingProducer()
+    keep_failed_task_on_redis(failed_task(broker_url, producer, is_eager), "id-1", ValueError(), (), {})
+    assert producer.published == [] and producer.trimmed == []

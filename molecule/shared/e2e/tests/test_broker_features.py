@@ -1,18 +1,23 @@
 """What the broker does with the kit's settings, measured on the deployed stack: task
-priorities and dead-lettering of finally failed tasks. Results go to
+priorities, and what becomes of finally failed tasks (dead letters an operator lists, replays
+and purges). Results go to
 artifacts/features/<scenario>.json for docs/broker-matrix.md."""
 
 import json
 import os
+import textwrap
 import time
+import uuid
 from pathlib import Path
 
-from cbk_testlib import MANAGE, e2e_broker, journal, wait_until
+import yaml
+from cbk_testlib import MANAGE, ansible_playbook, e2e_broker, journal, wait_for_task_runs, wait_until
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BROKER = e2e_broker(SCENARIO)
 RESULTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "features" / f"e2e-{BROKER}.json"
 EACH = 10
+DEAD_LETTERS_PLAYBOOK = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "playbooks" / "dead_letters.yml"
 
 
 def save(name, value):
@@ -56,21 +61,95 @@ def test_priorities_with_a_backlog(backend, front):
     assert first_half.count(served_first) >= EACH - 2, first_half
 
 
-def test_a_finally_failed_task_is_dead_lettered_on_rabbitmq_and_dropped_on_redis(backend, front):
-    """track_event with an id that is no UUID fails for good (it has no retries)."""
-    dead_letter = "rabbitmqctl list_queues -q -p celery name messages | awk '$1 == \"dead_letter\" {print $2}'"
-    before = int(backend.check_output(dead_letter) or 0) if BROKER == "rabbitmq" else 0
+def dead_letters(*args):
+    """playbooks/dead_letters.yml as an operator runs it, with more arguments: (what it shows,
+    its output, how many tasks it changed)."""
+    returncode, output, _, recap = ansible_playbook(DEAD_LETTERS_PLAYBOOK, *args)
+    assert returncode == 0, output[-3000:]
+    shown = output.split("dead_letters_result:", 1)[1].split("\nPLAY RECAP", 1)[0]
+    ((changed, _failed),) = recap.values()
+    return yaml.safe_load(textwrap.dedent(shown)), output, changed
+
+
+def test_failed_tasks_are_dead_lettered_listed_replayed_once_and_purged(backend, front):
+    """Two analytics tasks fail for good (they have no retries): one while the app may not write
+    events (INSERT revoked, a cause that is fixed below), one whose event id is no UUID. On both
+    brokers playbooks/dead_letters.yml lists them, with the token among the arguments redacted;
+    once the grant is back, the first is replayed and runs once, and the second is purged."""
+    event, poison = str(uuid.uuid4()), str(uuid.uuid4())
+    token = f"token-{uuid.uuid4().hex}"
+    # The app's database user owns the table; REVOKE FROM / GRANT TO it.
+    grant = (
+        "from django.db import connection\nfrom analytics.models import Event\nwith connection.cursor() as cursor:\n"
+        "    cursor.execute(f'{} INSERT ON {{Event._meta.db_table}} {} CURRENT_USER')\n"
+    )
     started = time.time() - 1
     backend.check_output(
-        "%s shell -c %s", MANAGE, "from analytics.tasks import track_event\ntrack_event.delay('not-a-uuid', 'poison')"
+        "%s shell -c %s",
+        MANAGE,
+        grant.format("REVOKE", "FROM") + "from analytics.tasks import track_event\n"
+        f"track_event.apply_async(({event!r}, 'dead-letter-drill'), "
+        f"{{'properties': {{'plan': 'pro', 'api_token': {token!r}}}}}, task_id={event!r})\n"
+        f"track_event.apply_async(('not-a-uuid', 'poison'), task_id={poison!r})\n",
     )
-    wait_until(
-        lambda: any(journal_lines(host, "celery-worker@default", started, "ValidationError") for host in (backend, front)),
-        60,
-        "the poison task failing",
+    try:
+        wait_until(
+            lambda: all(
+                any(
+                    f"[{task}] raised unexpected" in journal(host, "celery-worker@*", started)
+                    for host in (backend, front)
+                )
+                for task in (event, poison)
+            ),
+            60,
+            "both tasks failing",
+        )
+        time.sleep(2)
+        listed, output, changed = dead_letters()
+    finally:
+        backend.check_output("%s shell -c %s", MANAGE, grant.format("GRANT", "TO"))
+    ours = {entry["id"]: entry for entry in listed["dead_letters"] if entry["id"] in (event, poison)}
+    assert ours.keys() == {event, poison}, listed
+    reasons = {"rabbitmq": ("rejected", "rejected"), "redis": ("failed: ProgrammingError", "failed: ValidationError")}
+    assert (ours[event]["reason"], ours[poison]["reason"]) == reasons[BROKER], ours
+    assert ours[event] | {"reason": None, "first_death": None} == {
+        "id": event,
+        "task": "analytics.tasks.track_event",
+        "broker": BROKER,
+        "queue": "analytics",
+        "reason": None,
+        "count": 1,
+        "first_death": None,
+        "args": [event, "dead-letter-drill"],
+        "kwargs": {"properties": {"plan": "pro", "api_token": "***"}},
+    }
+    assert token not in output and changed == 0
+
+    since = time.time() - 1
+    replayed, _, changed = dead_letters(
+        "-e", "dead_letters_action=replay", "-e", json.dumps({"dead_letters_ids": [event]})
     )
-    time.sleep(2)
-    # Redis has no dead-lettering: the failed task is acknowledged and only the worker's log keeps it.
-    dead = int(backend.check_output(dead_letter) or 0) - before if BROKER == "rabbitmq" else 0
-    save("dead_letter", {"dead_lettered": dead})
-    assert dead == {"rabbitmq": 1, "redis": 0}[BROKER], f"{dead} messages reached dead_letter"
+    assert (replayed["replayed"], replayed["purged"], changed) == ([event], [], 1)
+    purged, _, changed = dead_letters(
+        "-e", "dead_letters_action=purge", "-e", json.dumps({"dead_letters_ids": [poison]})
+    )
+    assert (purged["replayed"], purged["purged"], changed) == ([], [poison], 1)
+    replay_runs = wait_for_task_runs((backend, front), [event], since)[event]
+    assert replay_runs == 1
+    recorded = backend.check_output(
+        "%s shell -c %s",
+        MANAGE,
+        f"from analytics.models import Event\nprint(Event.objects.filter(id={event!r}).count())",
+    )
+    assert recorded.splitlines()[-1] == "1"
+    left, _, _ = dead_letters()
+    assert not {event, poison} & {entry["id"] for entry in left["dead_letters"]}, left
+    save(
+        "dead_letter",
+        {
+            "failed": len((event, poison)),
+            "dead_lettered": len(ours),
+            "reasons": dict(zip(("fixable", "poison"), reasons[BROKER], strict=True)),
+            "replay_runs": replay_runs,
+        },
+    )

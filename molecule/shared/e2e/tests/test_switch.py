@@ -27,13 +27,13 @@ from cbk_testlib import (
     broker_entry,
     host_variable,
     inventory_args,
-    journal,
     mail_tally,
     redis_admin,
     redis_engine,
     role_defaults,
     scenario_setting,
     settle_mail,
+    wait_for_task_runs,
 )
 from conftest import BACKEND
 
@@ -158,28 +158,6 @@ def publish(host, tag, count, countdown=None):
     return ids
 
 
-def runs(hosts, ids, since):
-    """How often each task id succeeded, across the workers' journals since `since`."""
-    counts = dict.fromkeys(ids, 0)
-    for host in hosts:
-        for line in journal(host, "celery-worker@*", since).splitlines():
-            if " succeeded in " in line and "track_event[" in line:
-                task_id = line.split("track_event[", 1)[1].split("]", 1)[0]
-                if task_id in counts:
-                    counts[task_id] += 1
-    return counts
-
-
-def wait_for_runs(hosts, ids, since, seconds=180):
-    deadline = time.monotonic() + seconds
-    while True:
-        counts = runs(hosts, ids, since)
-        if all(counts.values()) or time.monotonic() > deadline:
-            time.sleep(3)  # a second run would show up now
-            return runs(hosts, ids, since)
-        time.sleep(3)
-
-
 def drain_figures(switch):
     """From the drain's report in the run's output: (waiting, held) when it began, and its seconds."""
     began = re.search(r"old broker: (\d+) waiting, (\d+) held by workers", switch.log)
@@ -301,7 +279,7 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     assert waiting and int(waiting[1]) >= 5, report.stdout[-3000:]
     orphaned = re.search(r"orphaned\s+in\s+Redis.*?:\s+(\d+)", report.stdout, re.S)
     assert orphaned and int(orphaned[1]) >= 1, report.stdout[-3000:]
-    assert set(wait_for_runs((backend, front), queued, queued_at).values()) == {1}
+    assert set(wait_for_task_runs((backend, front), queued, queued_at).values()) == {1}
     result = playbook(
         "switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq", "-e", "celery_broker_drain_timeout=30"
     )
@@ -354,7 +332,7 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
     unrestored = [task for task in carried_over if task not in put_back]
     tasks = backlog + scheduled + after + carried_over
     carried_over.clear()
-    counts = wait_for_runs(hosts, tasks, since)
+    counts = wait_for_task_runs(hosts, tasks, since)
     never = [task for task, n in counts.items() if n == 0]
     again = [task for task, n in counts.items() if n > 1]
     recorded = int(
@@ -426,7 +404,7 @@ def test_hybrid_mode(backend, front, site, probe_address):
             host.check_output("systemctl start celery-worker@email celery-worker@default")
     messages = settle_mail(backend, signups, 240)
     lost, twice, resent, _ = mail_tally(signups, messages)
-    counts = wait_for_runs(hosts, events, since)
+    counts = wait_for_task_runs(hosts, events, since)
 
     # Which queues the workers of each app consume, asked through that app's broker.
     main_app = scenario_setting("django_app", "django_app_celery_app")
