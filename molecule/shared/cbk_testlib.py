@@ -314,6 +314,27 @@ def journal(host, unit, since=None):
     return host.check_output("journalctl --no-pager -o cat -u %s" + " %s" * len(since_args), unit, *since_args)
 
 
+# systemd's catalog ids of its "Stopping <unit>" and "Started <unit>" messages.
+UNIT_STOPPING, UNIT_STARTED = "de5b426a63be47a7b6ac3eaac82e2f6f", "39f53479d3a045ac8e11786248231fbf"
+
+
+def restarts(host, units, since):
+    """[(unit, stopping, started)]: when each restart of the units (a pattern such as
+    'celery-worker@*') on the host since the epoch second ``since`` began and ended, in epoch
+    seconds, from systemd's own messages."""
+    output = host.check_output(
+        "journalctl --no-pager -o json --output-fields=UNIT,MESSAGE_ID --since @%s -u %s", str(int(since)), units
+    )
+    stopping, spans = {}, []
+    for entry in map(json.loads, output.splitlines()):
+        unit, at = entry.get("UNIT"), int(entry["__REALTIME_TIMESTAMP"]) / 1e6
+        if entry.get("MESSAGE_ID") == UNIT_STOPPING:
+            stopping[unit] = at
+        elif entry.get("MESSAGE_ID") == UNIT_STARTED and unit in stopping:
+            spans.append((unit, stopping.pop(unit), at))
+    return spans
+
+
 def task_runs(hosts, ids, since):
     """How often each task id succeeded, across the hosts' Celery workers' journals since the
     epoch second ``since`` (Celery logs ``Task <name>[<id>] succeeded in ...``)."""

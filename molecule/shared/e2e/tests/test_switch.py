@@ -30,6 +30,7 @@ from cbk_testlib import (
     mail_tally,
     redis_admin,
     redis_engine,
+    restarts,
     role_defaults,
     scenario_setting,
     settle_mail,
@@ -343,6 +344,12 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
         ).split()[-1]
     )
     left = left_on(backend, old)
+    # A rolling release (playbooks/vars/release.yml): one host's workers restart at a time.
+    windows = {
+        host: [(stop, start) for unit, stop, start in restarts(host, "celery-worker@*", since) if "@drain-" not in unit]
+        for host in hosts
+    }
+    overlapping = [(a, b) for a in windows[backend] for b in windows[front] if a[0] < b[1] and b[0] < a[1]]
     rows.append(
         {
             "switch": f"{old} -> {new} (old broker: {retire}{', interrupted, run again' if interrupted else ''})",
@@ -359,9 +366,11 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
             "left on old broker": left,
             "drain began with (waiting, held)": began,
             "drain seconds": seconds,
+            "worker restarts overlapping across hosts": len(overlapping),
         }
     )
     assert not signups["refused"], f"the web tier refused signups during the switch: {signups['refused'][:5]}"
+    assert all(windows.values()) and not overlapping, f"worker restarts (stopping, started) per host: {windows}"
     assert not lost and not twice and not resent, f"emails lost {lost[:3]}, twice {twice[:3]}, resent {resent}"
     assert not never and not again, f"tasks never run: {never[:5]}; run more than once: {again[:5]}"
     assert not unrestored, f"the drain did not put these orphans back in their queue: {unrestored}"
