@@ -232,3 +232,15 @@ def test_settings_change_restarted_the_units_and_kept_the_env_private(host, host
     pid = host.check_output("systemctl show -p MainPID --value celery-worker@default")
     environ = host.file(f"/proc/{pid}/environ").content_string
     assert "CBK_SIDE_EFFECT=settings-changed" in environ
+
+
+def test_a_release_whose_workers_cannot_start_was_rolled_back(host, nodename):
+    """side_effect.yml deployed a release whose Celery module raises on import: the role put
+    current back on the release before, whose workers answer, and failed saying so."""
+    record = json.loads(host.file("/var/tmp/celery_worker_side_effect.json").content_string)
+    assert record["broken_release"] not in ("", record["before"]) and record["broken_release_succeeded"] is False, record
+    assert record["after"] == record["before"], record
+    message = record["rollback_message"]
+    assert "did not all answer a ping" in message and "Rolled back: current points at" in message, message
+    assert record["before"].rsplit("/", 1)[1] in message
+    assert sorted(inspect(host, "ping", nodename)) == sorted(f"{name}@{nodename}" for name in EXPECTED)
