@@ -11,7 +11,7 @@
 #   redact       regular expression: argument keys (keyword arguments' names, dictionaries' keys)
 #                whose name matches are shown as '***'
 # Prints one JSON line: {"dead_letters": [{id, task, broker, queue, reason, count, first_death,
-# args, kwargs}], "replayed": [ids], "purged": [ids]}. Listing changes nothing: every message
+# args, kwargs}], "replayed": [ids], "purged": [ids], "not_replayed": {id: why}}. Listing changes nothing: every message
 # read and not chosen is given back, in its place. A replay publishes the message
 # again, unchanged but for the death headers, on the queue it died in, and acknowledges the dead
 # letter only once that publish went through (RabbitMQ: confirmed).
@@ -23,8 +23,11 @@ from datetime import UTC, datetime
 from celery.app.utils import find_app
 from kombu import Producer, Queue
 
-# Headers of a dead letter (RabbitMQ's, and the Redis list's), dropped by a replay.
-DEATH_HEADERS = ("x-death", "x-first-death-queue", "x-first-death-reason", "x-first-death-exchange", "x-priority")
+# Headers of a dead letter (RabbitMQ's, and the Redis list's), and of its redeliveries, which a
+# replay drops.
+DEATH_HEADERS = {
+    f"x-{which}-death-{what}" for which in ("first", "last") for what in ("queue", "reason", "exchange")
+} | {"x-death", "x-priority", "x-delivery-count", "redelivered"}
 
 request = json.load(sys.stdin)
 redact = re.compile(request["redact"], re.IGNORECASE)
@@ -51,7 +54,10 @@ def shown(message, broker):
     and its arguments with the secret-looking keys redacted."""
     headers = message.headers or {}
     death = (headers.get("x-death") or [{}])[0]
-    args, kwargs, _embed = message.decode()
+    try:
+        args, kwargs, _embed = message.decode()
+    except Exception as error:  # listed all the same, and can be purged: its body is not shown
+        args, kwargs = f"not decoded: {type(error).__name__}", None
     return {
         "id": headers.get("id"),
         "task": headers.get("task"),
@@ -63,6 +69,22 @@ def shown(message, broker):
         "args": redacted(args),
         "kwargs": redacted(kwargs),
     }
+
+
+def missing_queue(connection, broker, queue):
+    """Why a dead letter cannot go back to the queue it died in, or None. RabbitMQ's default
+    exchange confirms, and drops, a message for a queue that no longer exists; a Redis queue is
+    a list, made by the first message pushed."""
+    if not queue:
+        return "no x-death header names its queue"
+    if broker == "rabbitmq":
+        try:
+            # On a channel of its own: RabbitMQ closes the channel that asks for a missing queue.
+            with connection.channel() as probe:
+                probe.queue_declare(queue=queue, passive=True)
+        except connection.channel_errors:
+            return f"queue {queue} does not exist"
+    return None
 
 
 def replay(producer, message, queue):
@@ -81,7 +103,7 @@ def replay(producer, message, queue):
     )
 
 
-result = {"dead_letters": [], "replayed": [], "purged": []}
+result = {"dead_letters": [], "replayed": [], "purged": [], "not_replayed": {}}
 for app in map(find_app, request["celery_apps"]):
     with app.connection_for_write() as connection:
         broker = {"amqp": "rabbitmq"}.get(connection.transport.driver_type, connection.transport.driver_type)
@@ -89,10 +111,15 @@ for app in map(find_app, request["celery_apps"]):
         dead_letters = Queue(request["queue"], no_declare=True)(channel)
         producer = Producer(channel)
         kept = []
-        while (message := dead_letters.get(no_ack=False)) is not None:
+        # Decoded only from the content types the app accepts (no pickle pushed by others).
+        while (message := dead_letters.get(no_ack=False, accept=app.conf.accept_content)) is not None:
             entry = shown(message, broker)
             result["dead_letters"].append(entry)
-            if request["action"] == "list" or not (ids == "all" or entry["id"] in ids):
+            chosen = request["action"] != "list" and (ids == "all" or entry["id"] in ids)
+            why_not = chosen and request["action"] == "replay" and missing_queue(connection, broker, entry["queue"])
+            if why_not:
+                result["not_replayed"][entry["id"]] = why_not
+            if not chosen or why_not:
                 kept.append(message)
                 continue
             if request["action"] == "replay":

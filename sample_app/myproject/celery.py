@@ -81,11 +81,25 @@ def keep_failed_task_on_redis(sender, task_id, exception, args, kwargs, **_):
     request = sender.request
     if request.is_eager or broker_name(sender.app.conf.broker_read_url) != "redis":
         return
+    # The worker's main process sends this signal too (a hard time limit), with an empty request.
+    delivery = request.delivery_info or {}
+    queue = delivery.get("routing_key") or sender.app.amqp.router.route({}, sender.name, args, kwargs)["queue"].name
+    # What the task needs to run again as it would have: its place in a workflow included.
     message = sender.app.amqp.create_task_message(
-        task_id, sender.name, args, kwargs, root_id=request.root_id, parent_id=request.parent_id
+        task_id,
+        sender.name,
+        args,
+        kwargs,
+        root_id=request.root_id,
+        parent_id=request.parent_id,
+        group_id=request.group,
+        group_index=request.group_index,
+        chord=request.chord,
+        chain=request.chain,
+        callbacks=request.callbacks,
+        errbacks=request.errbacks,
     )
-    delivery = request.delivery_info
-    headers = redis_death_headers(delivery["routing_key"], delivery.get("priority"), exception, datetime.now(UTC))
+    headers = redis_death_headers(queue, delivery.get("priority"), exception, datetime.now(UTC))
     with sender.app.producer_or_acquire() as producer:
         producer.publish(
             message.body,

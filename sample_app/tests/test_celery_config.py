@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 from celery import Celery
+from celery.app.task import Context
 from kombu import Connection, Queue
 from kombu.asynchronous import Hub
 
@@ -371,13 +372,8 @@ class RecordingProducer:
         self.published.append((body, options))
 
 
-def failed_task(broker_url, producer, is_eager=False):
-    request = SimpleNamespace(
-        is_eager=is_eager,
-        root_id=None,
-        parent_id=None,
-        delivery_info={"routing_key": "analytics", "priority": 7},
-    )
+def failed_task(broker_url, producer, is_eager=False, delivery_info=None):
+    request = Context(is_eager=is_eager, delivery_info=delivery_info)
     task_app = SimpleNamespace(
         conf=SimpleNamespace(broker_read_url=broker_url, task_publish_retry_policy={}),
         amqp=app.amqp,
@@ -389,7 +385,8 @@ def failed_task(broker_url, producer, is_eager=False):
 def test_a_task_that_finally_failed_on_redis_is_kept_in_the_bounded_dead_letter_list():
     producer = RecordingProducer()
     error = ValueError("the token abc123 was refused")
-    keep_failed_task_on_redis(failed_task(REDIS_URL, producer), "id-1", error, ("e-1", "signup"), {"plan": "pro"})
+    sender = failed_task(REDIS_URL, producer, delivery_info={"routing_key": "analytics", "priority": 7})
+    keep_failed_task_on_redis(sender, "id-1", error, ("e-1", "signup"), {"plan": "pro"})
     ((body, options),) = producer.published
     args, kwargs, _embed = body
     assert (args, kwargs) == (("e-1", "signup"), {"plan": "pro"})
@@ -400,6 +397,15 @@ def test_a_task_that_finally_failed_on_redis_is_kept_in_the_bounded_dead_letter_
     # Where it died and why, without the exception's message (it may quote arguments).
     assert (death["queue"], death["reason"], death["count"]) == ("analytics", "failed: ValueError", 1)
     assert producer.trimmed == [(DEAD_LETTER_QUEUE, 0, REDIS_DEAD_LETTERS_KEPT - 1)]
+
+
+def test_a_failure_the_main_process_reports_is_kept_on_the_task_s_routed_queue():
+    """A hard time limit: the worker's main process sends task_failure with an empty request."""
+    producer = RecordingProducer()
+    keep_failed_task_on_redis(failed_task(REDIS_URL, producer), "id-1", TimeoutError(), ("e-1", "signup"), {})
+    ((_body, options),) = producer.published
+    (death,) = options["headers"]["x-death"]
+    assert (death["queue"], death["reason"]) == ("analytics", "failed: TimeoutError")
 
 
 @pytest.mark.parametrize("broker_url, is_eager", [(RABBITMQ_URL, False), (REDIS_URL, True)])

@@ -5,6 +5,7 @@ artifacts/features/<scenario>.json for docs/broker-matrix.md."""
 
 import json
 import os
+import re
 import textwrap
 import time
 import uuid
@@ -66,7 +67,7 @@ def dead_letters(*args):
     its output, how many tasks it changed)."""
     returncode, output, _, recap = ansible_playbook(DEAD_LETTERS_PLAYBOOK, *args)
     assert returncode == 0, output[-3000:]
-    shown = output.split("dead_letters_result:", 1)[1].split("\nPLAY RECAP", 1)[0]
+    shown = re.split(r"\n(?:TASK \[|PLAY RECAP)", output.split("dead_letters_result:", 1)[1], maxsplit=1)[0]
     ((changed, _failed),) = recap.values()
     return yaml.safe_load(textwrap.dedent(shown)), output, changed
 
