@@ -6,10 +6,13 @@ SHELL := /bin/bash
 VENV := .venv
 APP_VENV := sample_app/.venv
 BENCH_VENV := .cache/bench-venv
+# promtool, from the Debian release's prometheus package, unpacked (not installed: no service).
+PROMTOOL_DIR := .cache/promtool
+PROMTOOL := $(PROMTOOL_DIR)/usr/bin/promtool
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 
-.PHONY: help toolchain host apt-cache sandbox deploy destroy lint ci-templates role-docs molecule app-test test test-ha \
+.PHONY: help toolchain host apt-cache sandbox deploy destroy lint ci-templates alert-rules role-docs molecule app-test test test-ha \
   bench-deploy bench audit matrix
 
 help:
@@ -43,7 +46,7 @@ deploy: sandbox ## deploy the whole stack on the sandbox and say where it is
 destroy: toolchain ## remove the sandbox hosts and network (images and caches stay)
 	ansible-playbook playbooks/sandbox/destroy.yml
 
-lint: toolchain ci-templates ## yamllint, ansible-lint (production profile), role READMEs' variables tables up to date, changelog fragments, ci-templates
+lint: toolchain ci-templates alert-rules ## yamllint, ansible-lint (production profile), role READMEs' variables tables up to date, changelog fragments, ci-templates, alert rules
 	yamllint --strict .
 	ansible-lint --profile production
 	python scripts/role_docs.py --check
@@ -54,6 +57,14 @@ ci-templates: toolchain ## ci-templates/ valid against GitHub's and GitLab's sch
 	check-jsonschema --builtin-schema vendor.github-workflows ci-templates/github-actions.yml
 	check-jsonschema --builtin-schema vendor.gitlab-ci ci-templates/gitlab-ci.yml
 	python scripts/ci_scenarios.py
+
+$(PROMTOOL):
+	mkdir -p $(PROMTOOL_DIR)
+	cd $(PROMTOOL_DIR) && apt-get download -q prometheus 2>/dev/null && dpkg-deb -x prometheus_*.deb . && rm prometheus_*.deb
+
+alert-rules: $(PROMTOOL) ## the monitoring role's alert rules: promtool check, then their unit tests
+	$(PROMTOOL) check rules roles/monitoring/files/cbk-alerts.rules.yml
+	cd roles/monitoring/tests && $(CURDIR)/$(PROMTOOL) test rules cbk-alerts.test.yml
 
 role-docs: toolchain ## write each role README's variables table from its meta/argument_specs.yml
 	python scripts/role_docs.py

@@ -52,6 +52,7 @@ if [ "$mode" = all ]; then
   step ansible-lint ansible-lint --profile production
   step role-docs python scripts/role_docs.py --check
   step changelog antsibull-changelog lint
+  step alert-rules make --no-print-directory alert-rules
   step ci-templates make --no-print-directory ci-templates
   step sample_app bash -c 'cd sample_app && .venv/bin/pytest -q'
   step ruff bash -c 'cd sample_app && .venv/bin/ruff check . && .venv/bin/ruff format --check .'
