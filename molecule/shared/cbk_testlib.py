@@ -701,12 +701,12 @@ class Site:
 
 
 class OperatorUI:
-    """Where an operators' web UI answers, RabbitMQ's management UI or Flower: HTTPS with the
-    host's certificate or plain HTTP, as the scenario templates the role's TLS switch for the host."""
+    """Where an operators' web UI answers, RabbitMQ's management UI, Flower or Prometheus: HTTPS
+    with the host's certificate or plain HTTP, as the role's TLS switch is for the host."""
 
     def __init__(self, host, address, role, tls_variable, port_variable):
         self.address = address
-        self.https = host_variable(host, tls_variable) is True
+        self.https = host_variable(host, tls_variable, (role,)) is True
         self.port = int(scenario_setting(role, port_variable))
         self.url = f"{'https' if self.https else 'http'}://{address}:{self.port}"
         self.api = f"{self.url}/api/"
@@ -718,6 +718,52 @@ def management_ui(broker_host, address):
 
 def flower_ui(flower_host, address):
     return OperatorUI(flower_host, address, "celery_worker", "celery_worker_flower_tls_enabled", "celery_worker_flower_port")
+
+
+def prometheus_ui(monitoring_host, address):
+    return OperatorUI(monitoring_host, address, "monitoring", "monitoring_exporter_tls_enabled", "monitoring_prometheus_port")
+
+
+def prometheus_query(client, prometheus, expr):
+    """{labels (a frozenset of name-value pairs): value} of a PromQL expression now, asked from
+    client (a host allowed in, trusting the kit CA where Prometheus serves HTTPS)."""
+    from urllib.parse import quote
+
+    answer = http_request(client, f"{prometheus.url}/api/v1/query?query={quote(expr)}").json()
+    return {frozenset(sample["metric"].items()): float(sample["value"][1]) for sample in answer["data"]["result"]}
+
+
+# Runs on the mail sink's host: [arrival epoch second, subject] of Alertmanager's emails
+# (subjects "[FIRING:<n>] <alert> (<labels>)" and "[RESOLVED] <alert> (<labels>)") since an epoch second.
+ALERT_EMAILS = """
+import email, json, pathlib, sys
+found = []
+for path in [*pathlib.Path(sys.argv[1]).glob("new/*"), *pathlib.Path(sys.argv[1]).glob("cur/*")]:
+    arrived = path.stat().st_mtime
+    subject = str(email.message_from_bytes(path.read_bytes())["Subject"] or "")
+    if arrived >= float(sys.argv[2]) and subject.startswith(("[FIRING:", "[RESOLVED]")):
+        found.append([arrived, subject])
+print(json.dumps(sorted(found)))
+"""
+
+
+def wait_for_alert_email(sink, alert, labels, state, since, seconds):
+    """Epoch second at which the sink got the email saying that alert (its name, and the values
+    of its labels) is firing or resolved (state), sent after the epoch second since."""
+    prefix = "[FIRING:" if state == "firing" else "[RESOLVED]"
+
+    def arrived():
+        emails = json.loads(sink.check_output("python3 -c %s %s %s", ALERT_EMAILS, MAILDIR, str(since)))
+        return next(
+            (
+                at
+                for at, subject in emails
+                if subject.startswith(prefix) and f" {alert} " in subject and all(value in subject for value in labels)
+            ),
+            None,
+        )
+
+    return wait_until(arrived, seconds, f"the email that {alert} {labels} is {state}", pause=3)
 
 
 # Runs in a scenario container: signs users up through nginx at a fixed rate, `count` of them

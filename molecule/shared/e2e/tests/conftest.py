@@ -19,6 +19,7 @@ from cbk_testlib import (
     inventory_host,
     inventory_sources,
     management_ui,
+    prometheus_ui,
     scenario_variables,
 )
 
@@ -79,6 +80,12 @@ def management(backend_address):
 def flower(backend_address):
     """Flower, on the first worker (debian12): HTTPS with that host's certificate in e2e-rabbitmq."""
     return flower_ui(BACKEND, backend_address)
+
+
+@pytest.fixture(scope="session")
+def prometheus(backend_address):
+    """Prometheus, on the monitoring host (debian12): HTTPS with that host's certificate in e2e-rabbitmq."""
+    return prometheus_ui(BACKEND, backend_address)
 
 
 @pytest.fixture(scope="session")

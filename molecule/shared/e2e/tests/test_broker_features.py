@@ -12,12 +12,23 @@ import uuid
 from pathlib import Path
 
 import yaml
-from cbk_testlib import MANAGE, ansible_playbook, e2e_broker, journal, wait_for_task_runs, wait_until
+from cbk_testlib import (
+    MANAGE,
+    ansible_playbook,
+    e2e_broker,
+    journal,
+    prometheus_query,
+    wait_for_alert_email,
+    wait_for_task_runs,
+    wait_until,
+)
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 BROKER = e2e_broker(SCENARIO)
 RESULTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "features" / f"e2e-{BROKER}.json"
 EACH = 10
+# The alerts' emails are checked in e2e-rabbitmq (test_monitoring.py).
+ALERT_EMAILS = SCENARIO == "e2e-rabbitmq"
 DEAD_LETTERS_PLAYBOOK = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "playbooks" / "dead_letters.yml"
 
 
@@ -72,11 +83,13 @@ def dead_letters(*args):
     return yaml.safe_load(textwrap.dedent(shown)), output, changed
 
 
-def test_failed_tasks_are_dead_lettered_listed_replayed_once_and_purged(backend, front):
+def test_failed_tasks_are_dead_lettered_listed_replayed_once_and_purged(backend, front, prometheus):
     """Two analytics tasks fail for good (they have no retries): one while the app may not write
     events (INSERT revoked, a cause that is fixed below), one whose event id is no UUID. On both
-    brokers playbooks/dead_letters.yml lists them, with the token among the arguments redacted;
-    once the grant is back, the first is replayed and runs once, and the second is purged."""
+    brokers playbooks/dead_letters.yml lists them, with the token among the arguments redacted,
+    and Prometheus counts them; in e2e-rabbitmq the dead-letter alert is emailed. Once the grant
+    is back, the first is replayed and runs once, the second is purged, and in e2e-rabbitmq the
+    alert is emailed as resolved."""
     event, poison = str(uuid.uuid4()), str(uuid.uuid4())
     token = f"token-{uuid.uuid4().hex}"
     # The app's database user owns the table; REVOKE FROM / GRANT TO it.
@@ -125,6 +138,15 @@ def test_failed_tasks_are_dead_lettered_listed_replayed_once_and_purged(backend,
         "kwargs": {"properties": {"plan": "pro", "api_token": "***"}},
     }
     assert token not in output and changed == 0
+    # The broker's own count (RabbitMQ's queue, the Redis list through its exporter's key checks).
+    counted = f'cbk:celery_queue_messages{{queue="dead_letter", broker="{BROKER}"}}'
+    wait_until(
+        lambda: sum(prometheus_query(backend, prometheus, counted).values()) >= len(ours),
+        60,
+        f"{counted} >= {len(ours)}",
+    )
+    if ALERT_EMAILS:
+        fired = wait_for_alert_email(backend, "CeleryDeadLetters", (BROKER,), "firing", started, 240) - started
 
     since = time.time() - 1
     replayed, _, changed = dead_letters(
@@ -145,6 +167,9 @@ def test_failed_tasks_are_dead_lettered_listed_replayed_once_and_purged(backend,
     assert recorded.splitlines()[-1] == "1"
     left, _, _ = dead_letters()
     assert not {event, poison} & {entry["id"] for entry in left["dead_letters"]}, left
+    if ALERT_EMAILS:
+        assert not left["dead_letters"], f"other dead letters keep the alert firing: {left}"
+        resolved = wait_for_alert_email(backend, "CeleryDeadLetters", (BROKER,), "resolved", since, 240) - since
     save(
         "dead_letter",
         {
@@ -152,5 +177,10 @@ def test_failed_tasks_are_dead_lettered_listed_replayed_once_and_purged(backend,
             "dead_lettered": len(ours),
             "reasons": dict(zip(("fixable", "poison"), reasons[BROKER], strict=True)),
             "replay_runs": replay_runs,
+            **(
+                {"alert_emailed_after_seconds": round(fired), "resolved_emailed_after_seconds": round(resolved)}
+                if ALERT_EMAILS
+                else {}
+            ),
         },
     )

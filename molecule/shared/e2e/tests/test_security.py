@@ -277,7 +277,7 @@ def test_https_at_nginx_and_plain_http_only_redirects(probe_trusts_kit_ca, varia
     assert got == (hsts, [], []), got
 
 
-@pytest.mark.parametrize("ui", ["management", "flower", "amqps"])
+@pytest.mark.parametrize("ui", ["management", "flower", "prometheus", "amqps"])
 def test_operator_uis_and_amqp_over_tls_only(request, ui, probe_trusts_kit_ca, broker_address):
     if ui != "flower" and BROKER != "rabbitmq":
         pytest.skip("RabbitMQ is not this scenario's broker")
@@ -296,7 +296,8 @@ def test_operator_uis_and_amqp_over_tls_only(request, ui, probe_trusts_kit_ca, b
         plain = [
             (f"{ui}: plain HTTP on its port", "RemoteDisconnected|BadStatusLine|ConnectionResetError",
              {"kind": "http", "url": served.url.replace("https://", "http://", 1) + "/"}),
-            (f"{ui}: over HTTPS, kit CA trusted", "^200$|^401$", {"kind": "http", "url": served.url + "/"}),
+            # Prometheus sends / on to its graph page.
+            (f"{ui}: over HTTPS, kit CA trusted", "^(200|302|401)$", {"kind": "http", "url": served.url + "/"}),
         ]
     check(
         [
@@ -494,12 +495,13 @@ def listening_ports(host, own_address):
 
 
 def test_only_allow_listed_ports_answer_the_probe(
-    kit_hosts, broker_address, web_address, site, amqp_endpoint, redis_endpoint, flower, management
+    kit_hosts, broker_address, web_address, site, amqp_endpoint, redis_endpoint, flower, management, prometheus
 ):
     allowed = {(web_address, 80), (broker_address, (redis_endpoint if BROKER == "redis" else amqp_endpoint).port)}
     if site.https:
         allowed.add((web_address, site.port))
     allowed.add((broker_address, flower.port))  # Flower, behind its password
+    allowed.add((broker_address, prometheus.port))  # Prometheus, to the operators' networks (the probe's)
     if BROKER == "rabbitmq":
         allowed.add((broker_address, management.port))
     probes = []
