@@ -16,6 +16,7 @@ from cbk_testlib import (
     e2e_broker,
     http_request,
     mail_tally,
+    prometheus_query,
     role_defaults,
     scenario_setting,
     settle_mail,
@@ -28,6 +29,7 @@ BROKER = e2e_broker(SCENARIO)
 # The exporters the monitoring role runs (the redis one while Redis is the broker).
 EXPORTERS = set(role_defaults("monitoring", "vars")["monitoring__exporters"]) - ({"redis"} - {BROKER})
 BACKEND = f"cbk-{SCENARIO}-debian12"  # the monitoring host and the mail sink
+HOSTS = (BACKEND, f"cbk-{SCENARIO}-debian13")
 RESULTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "monitoring" / f"{SCENARIO}.json"
 QUEUE = "email"
 WORKER_UNIT = f"celery-worker@{QUEUE}"
@@ -45,18 +47,30 @@ def save(name, value):
 
 
 def test_prometheus_scrapes_every_target_over_tls_and_only_it_reaches_the_exporters(backend, front, prometheus):
-    """Every target is up: each host's exporters, the broker in use, Flower and Prometheus. The
-    exporters answer over HTTPS with the hosts' certificates; in e2e-rabbitmq (production's
-    settings) every target does. The web host, no monitoring host, cannot reach an exporter."""
+    """Every target is up: each host's exporters, the broker in use, Flower, Prometheus and each
+    host's certificate. The exporters answer over HTTPS with the hosts' certificates; in
+    e2e-rabbitmq (production's settings) every target across the network does. Each certificate
+    verifies against the kit CA and is far from its end. The web host, no monitoring host,
+    cannot reach an exporter."""
     targets = http_request(backend, f"{prometheus.url}/api/v1/targets?state=active").json()["data"]["activeTargets"]
     down = [(t["labels"]["job"], t["labels"]["instance"], t["lastError"]) for t in targets if t["health"] != "up"]
     assert targets and not down, down
-    schemes = {(t["labels"]["job"], t["labels"]["instance"]): t["scrapeUrl"].split(":", 1)[0] for t in targets}
+    # The blackbox exporter's probes are scraped on the loopback; they reach each host over TLS.
+    schemes = {
+        (t["labels"]["job"], t["labels"]["instance"]): t["scrapeUrl"].split(":", 1)[0]
+        for t in targets
+        if "//127.0.0.1:" not in t["scrapeUrl"]
+    }
     broker_jobs = {"rabbitmq": {"rabbitmq", "rabbitmq_queues"}, "redis": {"redis"}}[BROKER]
-    assert {job for job, _ in schemes} == EXPORTERS | broker_jobs | {"celery", "prometheus"}, schemes
+    jobs = {t["labels"]["job"] for t in targets}
+    assert jobs == EXPORTERS | broker_jobs | {"celery", "prometheus", "certificates"}, jobs
     tls_jobs = {job for job, _ in schemes} if SCENARIO == "e2e-rabbitmq" else EXPORTERS
     plain = sorted(target for target, scheme in schemes.items() if target[0] in tls_jobs and scheme != "https")
     assert not plain, f"scraped in plain HTTP: {plain}"
+    verified = prometheus_query(backend, prometheus, 'probe_success{job="certificates"}')
+    assert sorted(dict(labels)["instance"] for labels, ok in verified.items() if ok == 1) == sorted(HOSTS), verified
+    days_left = prometheus_query(backend, prometheus, "(probe_ssl_earliest_cert_expiry - time()) / 86400")
+    assert min(days_left.values()) > 21, days_left
     port = int(scenario_setting("monitoring", "monitoring_node_exporter_port"))
     assert tcp_probe(front, prometheus.address, port) == "timeout"
 
