@@ -295,6 +295,9 @@ def test_monitor_user_reads_health_only(peer, broker):
     assert "aof_enabled:1" in broker.as_user(peer, "monitor", "INFO", "persistence")
     assert broker.as_user(peer, "monitor", "LLEN", "celery").isdigit()
     assert broker.as_user(peer, "monitor", "SLOWLOG", "LEN").isdigit()
+    # The monitoring role's exporter finds each queue's lists by name (SCAN, TYPE, LLEN).
+    assert broker.as_user(peer, "monitor", "TYPE", "celery") in ("list", "none")
+    assert not broker.as_user(peer, "monitor", "SCAN", "0", "MATCH", "celery*").startswith("NOPERM")
     for command in (["GET", "x"], ["LPUSH", "celery", "x"], ["CONFIG", "GET", "*"], ["CLIENT", "LIST"], ["KEYS", "*"]):
         assert broker.as_user(peer, "monitor", *command).startswith("NOPERM"), command
 
