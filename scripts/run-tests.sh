@@ -23,7 +23,8 @@ if [ "$mode" = ha ]; then
   rm -rf "$LOGS" artifacts/ha && mkdir -p "$LOGS"
   for scenario in "${HA_SCENARIOS[@]}"; do [ -f "molecule/$scenario/molecule.yml" ] && scenarios+=("$scenario"); done
 else
-  rm -rf "$LOGS" artifacts/faults artifacts/features artifacts/security artifacts/browser artifacts/switch artifacts/ha && mkdir -p "$LOGS"
+  rm -rf "$LOGS" artifacts/faults artifacts/features artifacts/security artifacts/browser artifacts/switch artifacts/ha \
+    artifacts/monitoring artifacts/release && mkdir -p "$LOGS"
 fi
 
 step() {  # step NAME COMMAND...: runs it, logs it, writes its summary line

@@ -22,6 +22,7 @@ from cbk_testlib import (
     settle_mail,
     tcp_probe,
     wait_for_alert_email,
+    wait_until,
 )
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
@@ -52,9 +53,14 @@ def test_prometheus_scrapes_every_target_over_tls_and_only_it_reaches_the_export
     e2e-rabbitmq (production's settings) every target across the network does. Each certificate
     verifies against the kit CA and is far from its end. The web host, no monitoring host,
     cannot reach an exporter."""
+
+    def targets_down():
+        found = http_request(backend, f"{prometheus.url}/api/v1/targets?state=active").json()["data"]["activeTargets"]
+        return [(t["labels"]["job"], t["labels"]["instance"], t["lastError"]) for t in found if t["health"] != "up"]
+
+    # A broker the fault tests just restarted is up again by its next scrape.
+    wait_until(lambda: not targets_down(), 60, lambda: f"every target up; down: {targets_down()}", pause=5)
     targets = http_request(backend, f"{prometheus.url}/api/v1/targets?state=active").json()["data"]["activeTargets"]
-    down = [(t["labels"]["job"], t["labels"]["instance"], t["lastError"]) for t in targets if t["health"] != "up"]
-    assert targets and not down, down
     # The blackbox exporter's probes are scraped on the loopback; they reach each host over TLS.
     schemes = {
         (t["labels"]["job"], t["labels"]["instance"]): t["scrapeUrl"].split(":", 1)[0]

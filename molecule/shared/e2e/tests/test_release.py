@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_a_new_release_rolls_out_under_load_one_host_at_a_time(backend, front, site, tmp_path):
+def test_a_new_release_rolls_out_under_load_one_host_at_a_time(backend, front, site, probe_address, tmp_path):
     # The role's default source (django_app_source_dir), less what its digest leaves out.
     source = tmp_path / "app"
     excludes = role_defaults("django_app")["django_app_source_excludes"]
@@ -53,7 +53,14 @@ def test_a_new_release_rolls_out_under_load_one_host_at_a_time(backend, front, s
     since = time.time() - 1
     started = time.monotonic()
     returncode, output, _, _ = ansible_playbook(
-        PROJECT / "site.yml", "--tags", "workers,app", "-e", f"django_app_source_dir={source}"
+        PROJECT / "site.yml",
+        "--tags",
+        "workers,app",
+        "-e",
+        f"django_app_source_dir={source}",
+        # What the converge reads first (molecule/shared/e2e/converge.yml).
+        "-e",
+        f"e2e_probe_address={probe_address}",
     )
     seconds = time.monotonic() - started
     signups = load.result()

@@ -292,9 +292,11 @@ def test_operator_uis_and_amqp_over_tls_only(request, ui, probe_trusts_kit_ca, b
         plain = [(f"amqp: plain AMQP port {plain_port} (rabbitmq_tls_only)", REFUSED,
                   {"kind": "tcp", "address": broker_address, "port": plain_port})]
     else:
-        # A TLS listener answers a plain request with a TLS alert, or closes.
+        # A TLS listener answers a plain request with a TLS alert, or closes; Go's (Prometheus)
+        # with 400 "Client sent an HTTP request to an HTTPS server".
+        refused = "RemoteDisconnected|BadStatusLine|ConnectionResetError" + ("|^400$" if ui == "prometheus" else "")
         plain = [
-            (f"{ui}: plain HTTP on its port", "RemoteDisconnected|BadStatusLine|ConnectionResetError",
+            (f"{ui}: plain HTTP on its port", refused,
              {"kind": "http", "url": served.url.replace("https://", "http://", 1) + "/"}),
             # Prometheus sends / on to its graph page.
             (f"{ui}: over HTTPS, kit CA trusted", "^(200|302|401)$", {"kind": "http", "url": served.url + "/"}),
