@@ -298,9 +298,7 @@ def test_operator_uis_and_amqp_over_tls_only(request, ui, probe_trusts_kit_ca, b
         plain = [
             (f"{ui}: plain HTTP on its port", refused,
              {"kind": "http", "url": served.url.replace("https://", "http://", 1) + "/"}),
-            # Prometheus sends / on to its graph page.
-            (f"{ui}: over HTTPS, kit CA trusted", "^302$" if ui == "prometheus" else "^200$|^401$",
-             {"kind": "http", "url": served.url + "/"}),
+            (f"{ui}: over HTTPS, kit CA trusted", "^200$|^401$", {"kind": "http", "url": served.url + "/"}),
         ]
     check(
         [
