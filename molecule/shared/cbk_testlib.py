@@ -335,6 +335,18 @@ def restarts(host, units, since):
     return spans
 
 
+def overlapping_worker_restarts(first, second, since):
+    """({host: [(stopping, started)]}, [pairs of those windows that overlap across the two
+    hosts]) of the Celery worker units' restarts since the epoch second ``since``, a switch's
+    drain workers left out: a rolling release restarts one host's workers at a time."""
+    windows = {
+        host: [(stop, start) for unit, stop, start in restarts(host, "celery-worker@*", since) if "@drain-" not in unit]
+        for host in (first, second)
+    }
+    overlapping = [(a, b) for a in windows[first] for b in windows[second] if a[0] < b[1] and b[0] < a[1]]
+    return windows, overlapping
+
+
 def task_runs(hosts, ids, since):
     """How often each task id succeeded, across the hosts' Celery workers' journals since the
     epoch second ``since`` (Celery logs ``Task <name>[<id>] succeeded in ...``)."""

@@ -54,13 +54,16 @@ def test_prometheus_scrapes_every_target_over_tls_and_only_it_reaches_the_export
     verifies against the kit CA and is far from its end. The web host, no monitoring host,
     cannot reach an exporter."""
 
-    def targets_down():
+    down = []
+
+    def all_up():
+        """The active targets once every one is up, else None (and what is down, for the message)."""
         found = http_request(backend, f"{prometheus.url}/api/v1/targets?state=active").json()["data"]["activeTargets"]
-        return [(t["labels"]["job"], t["labels"]["instance"], t["lastError"]) for t in found if t["health"] != "up"]
+        down[:] = [(t["labels"]["job"], t["labels"]["instance"], t["lastError"]) for t in found if t["health"] != "up"]
+        return found if found and not down else None
 
     # A broker the fault tests just restarted is up again by its next scrape.
-    wait_until(lambda: not targets_down(), 60, lambda: f"every target up; down: {targets_down()}", pause=5)
-    targets = http_request(backend, f"{prometheus.url}/api/v1/targets?state=active").json()["data"]["activeTargets"]
+    targets = wait_until(all_up, 60, lambda: f"every target up; down: {down}", pause=5)
     # The blackbox exporter's probes are scraped on the loopback; they reach each host over TLS.
     schemes = {
         (t["labels"]["job"], t["labels"]["instance"]): t["scrapeUrl"].split(":", 1)[0]

@@ -17,7 +17,7 @@ from cbk_testlib import (
     SignupLoad,
     ansible_playbook,
     mail_tally,
-    restarts,
+    overlapping_worker_restarts,
     role_defaults,
     scenario_setting,
     settle_mail,
@@ -68,11 +68,7 @@ def test_a_new_release_rolls_out_under_load_one_host_at_a_time(backend, front, s
 
     after = {tier: [host.check_output("readlink -f %s", current[tier]) for host in hosts[tier]] for tier in hosts}
     releases = set(after["web"] + after["workers"])
-    windows = {
-        host: [(stop, start) for _, stop, start in restarts(host, "celery-worker@*", since)]
-        for host in hosts["workers"]
-    }
-    overlapping = [(a, b) for a in windows[backend] for b in windows[front] if a[0] < b[1] and b[0] < a[1]]
+    windows, overlapping = overlapping_worker_restarts(backend, front, since)
     lost, twice, resent, emails = mail_tally(signups, settle_mail(backend, signups, DELIVERY_SECONDS))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(

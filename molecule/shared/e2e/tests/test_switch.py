@@ -28,9 +28,9 @@ from cbk_testlib import (
     host_variable,
     inventory_args,
     mail_tally,
+    overlapping_worker_restarts,
     redis_admin,
     redis_engine,
-    restarts,
     role_defaults,
     scenario_setting,
     settle_mail,
@@ -347,11 +347,7 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
     )
     left = left_on(backend, old)
     # A rolling release (playbooks/vars/release.yml): one host's workers restart at a time.
-    windows = {
-        host: [(stop, start) for unit, stop, start in restarts(host, "celery-worker@*", switched_at) if "@drain-" not in unit]
-        for host in hosts
-    }
-    overlapping = [(a, b) for a in windows[backend] for b in windows[front] if a[0] < b[1] and b[0] < a[1]]
+    windows, overlapping = overlapping_worker_restarts(backend, front, switched_at)
     rows.append(
         {
             "switch": f"{old} -> {new} (old broker: {retire}{', interrupted, run again' if interrupted else ''})",
