@@ -11,6 +11,7 @@ from .celery_config import (
     DEAD_LETTER_QUEUE,
     REDIS_DEAD_LETTERS_KEPT,
     PromptAcks,
+    PublishTaskEventsUnbuffered,
     broker_name,
     dead_letter_queue,
     redis_death_headers,
@@ -116,5 +117,10 @@ def keep_failed_task_on_redis(sender, task_id, exception, args, kwargs, **_):
         producer.channel.client.ltrim(DEAD_LETTER_QUEUE, 0, REDIS_DEAD_LETTERS_KEPT - 1)
 
 
-app.steps["consumer"].add(DeclareDeadLetterQueue)
-app.steps["worker"].add(PromptAcks)
+def add_worker_steps(celery_app):
+    """The kit's worker and consumer steps, in the main app and the hybrid one alike."""
+    celery_app.steps["consumer"].update({DeclareDeadLetterQueue, PublishTaskEventsUnbuffered})
+    celery_app.steps["worker"].add(PromptAcks)
+
+
+add_worker_steps(app)

@@ -9,7 +9,9 @@ import ssl
 import threading
 from urllib.parse import urlsplit
 
+import celery
 from celery import bootsteps
+from celery.concurrency.thread import TaskPool as ThreadsPool
 from kombu import Exchange, Queue
 
 # sentinel:// URLs name Redis Sentinels, which tell kombu where the current Redis primary is.
@@ -102,6 +104,25 @@ class PromptAcks(bootsteps.StartStopStep):
                 pass
         except BlockingIOError:
             pass
+
+
+class PublishTaskEventsUnbuffered(bootsteps.StartStopStep):
+    """A consumer step: a threads-pool worker sends each task event as it happens, unbuffered.
+
+    With an event loop, Celery 5.6 buffers task events and sends them in batches. A pool thread
+    can add an event while the loop sends the batch, and the batch's clearing drops it (Celery
+    issue 10434, fixed in 5.7): Flower then shows the task RECEIVED for good (4-10 of 60 email
+    tasks on the sandbox). Unbuffered events are published under the dispatcher's lock.
+    """
+
+    requires = {"celery.worker.consumer.events:Events"}
+
+    def include_if(self, consumer):
+        return celery.VERSION < (5, 7) and isinstance(consumer.pool, ThreadsPool)
+
+    def start(self, consumer):
+        # Each time the worker (re)connects: the Events step makes a new dispatcher then.
+        consumer.event_dispatcher.buffer_group = frozenset()
 
 
 def dead_letter_queue(quorum_queues=False):

@@ -8,8 +8,7 @@ from celery import Celery
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from .celery import DeclareDeadLetterQueue, Task
-from .celery_config import PromptAcks
+from .celery import Task, add_worker_steps
 
 if not settings.CELERY_HYBRID_BROKER_URL:
     # Without it this app would fall back to CELERY_BROKER_URL and quietly serve the main broker.
@@ -19,5 +18,4 @@ if not settings.CELERY_HYBRID_BROKER_URL:
 app = Celery("myproject_hybrid", task_cls=Task, set_as_current=False)
 app.config_from_object("django.conf:settings", namespace="CELERY_HYBRID")
 app.autodiscover_tasks()
-app.steps["consumer"].add(DeclareDeadLetterQueue)
-app.steps["worker"].add(PromptAcks)
+add_worker_steps(app)

@@ -3,9 +3,13 @@ import ssl
 import threading
 from types import SimpleNamespace
 
+import celery
 import pytest
 from celery import Celery
 from celery.app.task import Context
+from celery.concurrency.prefork import TaskPool as PreforkPool
+from celery.concurrency.thread import TaskPool as ThreadsPool
+from celery.events import EventDispatcher
 from kombu import Connection, Queue
 from kombu.asynchronous import Hub
 
@@ -19,6 +23,7 @@ from myproject.celery_config import (
     TASK_TIME_LIMIT,
     VISIBILITY_TIMEOUT,
     PromptAcks,
+    PublishTaskEventsUnbuffered,
     broker_name,
     build_celery_config,
     build_hybrid_celery_config,
@@ -353,6 +358,21 @@ def test_prompt_acks_wakes_the_event_loop_when_a_pool_thread_hands_it_work():
         hub.close()
         os.close(step.read_fd)
         os.close(step.write_fd)
+
+
+def test_a_threads_pool_worker_sends_task_events_unbuffered():
+    """Celery 5.6's buffered task events lose some from pool threads (issue 10434): the step turns the buffer off."""
+
+    def consumer(pool):
+        dispatcher = EventDispatcher(enabled=False, buffer_group=["task"])
+        return SimpleNamespace(pool=pool, event_dispatcher=dispatcher)
+
+    step = PublishTaskEventsUnbuffered(consumer(None))
+    threads, prefork = consumer(ThreadsPool(limit=1)), consumer(PreforkPool(limit=1))
+    assert step.include_if(threads) is (celery.VERSION < (5, 7))
+    assert not step.include_if(prefork), "prefork sends its events from the loop's thread: keep batching them"
+    step.start(threads)
+    assert not threads.event_dispatcher.buffer_group
 
 
 class RecordingProducer:

@@ -11,7 +11,13 @@ from kombu import Producer
 
 from analytics.tasks import track_event
 from myproject.celery import app
-from myproject.celery_config import QUEUE_NAMES, PromptAcks, broker_name, build_hybrid_celery_config
+from myproject.celery_config import (
+    QUEUE_NAMES,
+    PromptAcks,
+    PublishTaskEventsUnbuffered,
+    broker_name,
+    build_hybrid_celery_config,
+)
 from users.tasks import send_welcome_email
 
 from .test_settings import SAMPLE_APP
@@ -48,9 +54,10 @@ def hybrid_app(settings):
     return hybrid_app
 
 
-def test_both_apps_acknowledge_as_soon_as_a_pool_thread_finishes(hybrid_app):
-    assert PromptAcks in app.steps["worker"]
-    assert PromptAcks in hybrid_app.steps["worker"]
+def test_both_apps_acknowledge_and_send_task_events_as_soon_as_a_pool_thread_finishes(hybrid_app):
+    for celery_app in (app, hybrid_app):
+        assert PromptAcks in celery_app.steps["worker"]
+        assert PublishTaskEventsUnbuffered in celery_app.steps["consumer"]
 
 
 def main_broker():

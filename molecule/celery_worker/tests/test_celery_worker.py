@@ -235,7 +235,7 @@ def test_settings_change_restarted_the_units_and_kept_the_env_private(host, host
 
 
 def test_a_release_whose_workers_cannot_start_was_rolled_back(host, nodename):
-    """side_effect.yml deployed a release whose Celery module raises on import: the role put
+    """side_effect.yml deployed a release whose Celery module raises on import in a worker: the role put
     current back on the release before, whose workers answer, and failed saying so."""
     record = json.loads(host.file("/var/tmp/celery_worker_side_effect.json").content_string)
     assert record["broken_release"] not in ("", record["before"]) and record["broken_release_succeeded"] is False, record
