@@ -293,17 +293,19 @@ def e2e_broker(scenario):
     return "rabbitmq" if scenario == "e2e-rabbitmq" else "redis"
 
 
-def other_hosts(host):
-    """Every other instance of the scenario, by inventory name."""
+def other_hosts(host, group="all"):
+    """Every other instance of the scenario, or of one of its groups, by inventory name."""
     own = host.backend.get_hostname()
-    names = host.backend.ansible_runner.get_hosts("all")
+    names = host.backend.ansible_runner.get_hosts(group)
     return [inventory_host(name) for name in names if name != own]
 
 
 @pytest.fixture(scope="module")
-def peer(host):
-    """The scenario's other instance, in the two-instance scenarios."""
-    (other,) = other_hosts(host)
+def peer(host, request):
+    """The scenario's other instance, in the two-instance scenarios; in a test module that runs
+    on one group of the scenario (testinfra_hosts = ["ansible://<group>"]), that group's other one."""
+    (hosts,) = getattr(request.module, "testinfra_hosts", ["ansible://all"])
+    (other,) = other_hosts(host, hosts.removeprefix("ansible://"))
     return other
 
 

@@ -13,6 +13,9 @@ import pytest
 import testinfra
 from cbk_testlib import OTHER_CA_ONLY, SYSTEM_CA_BUNDLE, address, role_defaults, tcp_probe
 
+# The two servers; the scenario's third host is the backup repository (tests/test_backup.py).
+testinfra_hosts = ["ansible://servers"]
+
 # Debian release -> PostgreSQL major the role must have found.
 EXPECTED_MAJOR = {"12": "15", "13": "17"}
 

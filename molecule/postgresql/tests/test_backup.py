@@ -1,0 +1,172 @@
+"""The backup role: the db host's cluster archives its WAL to, and is backed up by, the backup
+host's pgBackRest repository, over TLS both ways, and playbooks/restore.yml brings it back to a
+point in time after its data directory is destroyed (the restore drill). Its figures go to
+artifacts/backup/restore.json."""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+from cbk_testlib import address, ansible_playbook, inventory_host, role_defaults, tcp_probe, wait_until
+
+testinfra_hosts = ["ansible://db"]
+
+PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
+RESTORE_PLAYBOOK = PROJECT / "playbooks" / "restore.yml"
+RESULTS = PROJECT / "artifacts" / "backup" / "restore.json"
+BACKUP = role_defaults("backup")
+BACKUP_VARS = role_defaults("backup", "vars")
+STANZA = BACKUP["backup_postgresql_stanza"]
+# Signups in each phase of the drill.
+EACH = 25
+
+
+@pytest.fixture(scope="module")
+def repository(host):
+    (name,) = host.backend.ansible_runner.get_hosts("backup")
+    return inventory_host(name)
+
+
+@pytest.fixture(scope="module")
+def cluster(host):
+    """The db host's cluster: its port and database (the inventory's, over the role defaults)."""
+    inventory = host.ansible.get_variables()
+    defaults = role_defaults("postgresql")
+    return {
+        "port": str(inventory.get("postgresql_port", defaults["postgresql_port"])),
+        "db": inventory.get("postgresql_app_db", defaults["postgresql_app_db"]),
+    }
+
+
+def sql(host, cluster, query):
+    """One statement as the postgres user over the local socket; its rows, unaligned."""
+    return host.check_output(
+        "runuser -u postgres -- psql -X -At -v ON_ERROR_STOP=1 -p %s -d %s -c %s", cluster["port"], cluster["db"], query
+    )
+
+
+def pgbackrest(repository, *args):
+    return repository.run("runuser -u postgres -- pgbackrest --stanza=%s" + " %s" * len(args), STANZA, *args)
+
+
+def sign_up(host, cluster, phase):
+    sql(
+        host,
+        cluster,
+        f"INSERT INTO drill_signup (email, phase) SELECT 'user' || n || '@{phase}.example', '{phase}'"
+        f" FROM generate_series(1, {EACH}) AS n",
+    )
+
+
+def signups(host, cluster):
+    rows = sql(host, cluster, "SELECT phase, count(*) FROM drill_signup GROUP BY phase ORDER BY phase")
+    return {phase: int(count) for phase, count in (line.split("|") for line in rows.splitlines())}
+
+
+def test_wal_archiving_and_both_tls_links_work(repository):
+    """pgbackrest check: the cluster switches WAL file, archive-push sends it to the repository's
+    server, and the repository reads the cluster through the db host's server."""
+    check = pgbackrest(repository, "check")
+    assert check.rc == 0, check.stderr
+
+
+def test_each_pgbackrest_server_lets_in_only_the_other_host(host, repository):
+    """The firewall opens the port to the other host only, and the server itself takes only the
+    other host's certificate: the db host's own certificate is refused by its own server."""
+    port = BACKUP["backup_pgbackrest_port"]
+    assert tcp_probe(repository, address(host), port) == "open"
+    assert tcp_probe(host, address(repository), port) == "open"
+    # The db host, as a client of its own server (no firewall in the way on its own address),
+    # with its own certificate, which that server does not let in.
+    own = host.run(
+        "runuser -u postgres -- pgbackrest --stanza=%s --repo1-host=%s info",
+        STANZA,
+        address(host),
+    )
+    assert own.rc != 0 and "not authorized" in (own.stdout + own.stderr).lower(), own.stdout + own.stderr
+
+
+def test_a_backup_records_its_time_for_prometheus(repository):
+    """A backup through its service writes when it finished and how old the last may get, where
+    node_exporter's textfile collector reads (a directory that the monitoring tier makes)."""
+    metrics_dir = BACKUP_VARS["backup__metrics_dir"]
+    repository.check_output("install -d -m 0755 %s", metrics_dir)
+    try:
+        started = time.time()
+        repository.check_output("systemctl start %s@diff.service", BACKUP_VARS["backup__service"])
+        metrics = dict(
+            line.rsplit(" ", 1)
+            for line in repository.file(f"{metrics_dir}/cbk_backup.prom").content_string.splitlines()
+            if not line.startswith("#")
+        )
+    finally:
+        repository.check_output("rm -rf %s", metrics_dir)
+    (finished,) = [float(value) for name, value in metrics.items() if name.startswith("cbk_backup_last_success")]
+    (max_age,) = [int(value) for name, value in metrics.items() if name.startswith("cbk_backup_max_age")]
+    assert started - 1 <= finished <= time.time() and max_age == BACKUP["backup_max_age_seconds"], metrics
+
+
+def test_the_timers_take_full_and_differential_backups(repository):
+    for kind in ("full", "diff"):
+        timer = repository.service(f"{BACKUP_VARS['backup__service']}-{kind}.timer")
+        assert timer.is_enabled and timer.is_running, kind
+    info = json.loads(pgbackrest(repository, "--output=json", "info").stdout)
+    assert {backup["type"] for backup in info[0]["backup"]} >= {"full"}, info
+
+
+def test_restore_to_a_point_in_time_after_the_data_directory_is_lost(host, repository, cluster):
+    """Signups, a backup, more signups, the point in time, signups after it (archived). The data
+    directory is then destroyed, and playbooks/restore.yml restores to the point: the signups
+    before it are back, those after it are not, and the server takes writes again."""
+    sql(host, cluster, "CREATE TABLE IF NOT EXISTS drill_signup (id serial PRIMARY KEY, email text, phase text)")
+    sql(host, cluster, "TRUNCATE drill_signup")
+    sign_up(host, cluster, "before-backup")
+    repository.check_output("systemctl start %s@diff.service", BACKUP_VARS["backup__service"])
+    sign_up(host, cluster, "before-point")
+    time.sleep(1)
+    point = sql(host, cluster, "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
+    time.sleep(1)
+    sign_up(host, cluster, "after-point")
+    # Every WAL file up to here is archived: the signups after the point are in the archive, and
+    # only the target keeps them out.
+    assert pgbackrest(repository, "check").rc == 0
+    data_directory = sql(host, cluster, "SHOW data_directory")
+    host.check_output("systemctl stop 'postgresql@*'")
+    host.check_output("rm -rf %s", data_directory)
+
+    started = time.monotonic()
+    returncode, output, _, _ = ansible_playbook(
+        RESTORE_PLAYBOOK,
+        "-e",
+        json.dumps({"backup_restore_confirm": host.backend.get_hostname(), "backup_restore_target_time": point}),
+    )
+    restore_seconds = time.monotonic() - started
+    assert returncode == 0, output[-3000:]
+
+    restored = signups(host, cluster)
+    assert restored == {"before-backup": EACH, "before-point": EACH}, restored
+    sql(host, cluster, "INSERT INTO drill_signup (email, phase) VALUES ('new@after-restore.example', 'after-restore')")
+    # Archiving goes on, on the restored cluster's new timeline.
+    wait_until(lambda: pgbackrest(repository, "check").rc == 0, 60, "pgbackrest check after the restore")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "signups_before_point": 2 * EACH,
+                "restored_before_point": restored.get("before-backup", 0) + restored.get("before-point", 0),
+                "signups_after_point": EACH,
+                "restored_after_point": restored.get("after-point", 0),
+                "restore_playbook_seconds": round(restore_seconds, 1),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+
+
+def test_the_restore_refuses_without_confirmation(host):
+    returncode, output, _, recap = ansible_playbook(RESTORE_PLAYBOOK)
+    assert returncode != 0 and "set backup_restore_confirm to" in output, output[-3000:]
+    assert host.service(f"postgresql@{host.check_output('pg_lsclusters --no-header').split()[0]}-main").is_running
