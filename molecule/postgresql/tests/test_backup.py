@@ -78,12 +78,10 @@ def test_each_pgbackrest_server_lets_in_only_the_other_host(host, repository):
     port = BACKUP["backup_pgbackrest_port"]
     assert tcp_probe(repository, address(host), port) == "open"
     assert tcp_probe(host, address(repository), port) == "open"
-    # The db host, as a client of its own server (no firewall in the way on its own address),
-    # with its own certificate, which that server does not let in.
+    # The db host, as a client of its own server (no firewall in the way to itself), with its own
+    # certificate, which that server does not let in.
     own = host.run(
-        "runuser -u postgres -- pgbackrest --stanza=%s --repo1-host=%s info",
-        STANZA,
-        address(host),
+        "runuser -u postgres -- pgbackrest --stanza=%s --repo1-host=%s info", STANZA, host.backend.get_hostname()
     )
     assert "access denied" in own.stdout + own.stderr, own.stdout + own.stderr
 
