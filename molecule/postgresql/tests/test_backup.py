@@ -107,7 +107,7 @@ def test_a_backup_records_its_time_for_prometheus(repository):
 
 
 def test_the_timers_take_full_and_differential_backups(repository):
-    for kind in ("full", "diff"):
+    for kind in BACKUP_VARS["backup__schedules"]:
         timer = repository.service(f"{BACKUP_VARS['backup__service']}-{kind}.timer")
         assert timer.is_enabled and timer.is_running, kind
     info = json.loads(pgbackrest(repository, "--output=json", "info").stdout)
@@ -164,7 +164,17 @@ def test_restore_to_a_point_in_time_after_the_data_directory_is_lost(host, repos
     )
 
 
-def test_the_restore_refuses_without_confirmation(host):
-    returncode, output, _, recap = ansible_playbook(RESTORE_PLAYBOOK)
-    assert returncode != 0 and "set backup_restore_confirm to" in output, output[-3000:]
-    assert host.service(f"postgresql@{host.check_output('pg_lsclusters --no-header').split()[0]}-main").is_running
+def test_the_restore_refuses_without_confirmation_or_with_a_future_target(host):
+    """Refused before PostgreSQL stops: no confirmation, or a point in time not yet reached."""
+    confirmed = {"backup_restore_confirm": host.backend.get_hostname()}
+    cases = {
+        "set backup_restore_confirm to": {},
+        "must be in the past and after the oldest backup": {
+            **confirmed,
+            "backup_restore_target_time": time.strftime("%Y-%m-%d %H:%M:%S+00", time.gmtime(time.time() + 3600)),
+        },
+    }
+    for refusal, extra_vars in cases.items():
+        returncode, output, folded, _ = ansible_playbook(RESTORE_PLAYBOOK, "-e", json.dumps(extra_vars))
+        assert returncode != 0 and refusal in folded, output[-3000:]
+        assert host.service(f"postgresql@{host.check_output('pg_lsclusters --no-header').split()[0]}-main").is_running
