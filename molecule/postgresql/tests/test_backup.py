@@ -96,7 +96,9 @@ def test_a_backup_records_its_time_for_prometheus(repository):
         repository.check_output("systemctl start %s@diff.service", BACKUP_VARS["backup__service"])
         metrics = dict(
             line.rsplit(" ", 1)
-            for line in repository.file(f"{metrics_dir}/cbk_backup.prom").content_string.splitlines()
+            for line in repository.file(
+                f"{metrics_dir}/{BACKUP_VARS['backup__metrics_file']}"
+            ).content_string.splitlines()
             if not line.startswith("#")
         )
     finally:
