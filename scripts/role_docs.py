@@ -86,23 +86,27 @@ def spec_problems(role, specs):
 
 
 def broker_problems():
-    """Ports in playbooks/vars/brokers.yml whose variable is not its role's, or whose default
-    differs from the role's defaults/main.yml; secrets its role does not take."""
+    """Ports and backup settings in playbooks/vars/brokers.yml whose variable is not its role's,
+    or whose default differs from the role's defaults/main.yml; secrets its role does not take."""
     problems = []
     for name, broker in yaml.safe_load(BROKERS.read_text())["brokers"].items():
         role = broker["role"].rsplit(".", 1)[-1]
         defaults = yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text()) or {}
         specs = yaml.safe_load((ROLES / role / "meta" / "argument_specs.yml").read_text())["argument_specs"]
         options = specs["main"].get("options") or {}
-        for kind, port in broker["ports"].items():
-            if port["var"] not in defaults:
-                problems.append(f"brokers.yml: {name}'s {kind} port {port['var']} is not in roles/{role}/defaults/main.yml")
-            elif defaults[port["var"]] != port["default"]:
+        repeated = {f"{kind} port": port for kind, port in broker["ports"].items()}
+        repeated |= {f"backup {kind}": broker["backup"][kind] for kind in ("tls", "user")}
+        for what, value in repeated.items():
+            if value["var"] not in defaults:
+                problems.append(f"brokers.yml: {name}'s {what} {value['var']} is not in roles/{role}/defaults/main.yml")
+            elif defaults[value["var"]] != value["default"]:
                 problems.append(
-                    f"brokers.yml: {name}'s {kind} port {port['var']} defaults to {port['default']},"
-                    f" roles/{role}/defaults/main.yml to {defaults[port['var']]}"
+                    f"brokers.yml: {name}'s {what} {value['var']} defaults to {value['default']},"
+                    f" roles/{role}/defaults/main.yml to {defaults[value['var']]}"
                 )
-        unknown = [key for key in broker["secrets"] if key not in options]
+        if broker["backup"]["port"] not in broker["ports"]:
+            problems.append(f"brokers.yml: {name}'s backup port {broker['backup']['port']} is none of its ports")
+        unknown = [key for key in [*broker["secrets"], broker["backup"]["password"]] if key not in options]
         problems += [f"brokers.yml: {name}'s secret {key} is no variable of role {role}" for key in unknown]
     return problems
 

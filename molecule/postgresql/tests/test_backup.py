@@ -97,7 +97,7 @@ def test_a_backup_records_its_time_for_prometheus(repository):
         metrics = dict(
             line.rsplit(" ", 1)
             for line in repository.file(
-                f"{metrics_dir}/{BACKUP_VARS['backup__metrics_file']}"
+                f"{metrics_dir}/{BACKUP_VARS['backup__metrics_file'].format(source='postgresql')}"
             ).content_string.splitlines()
             if not line.startswith("#")
         )
