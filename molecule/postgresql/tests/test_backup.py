@@ -116,6 +116,14 @@ def test_the_timers_take_full_and_differential_backups(repository):
     assert {backup["type"] for backup in info[0]["backup"]} >= {"full"}, info
 
 
+def test_a_full_and_a_differential_backup_started_together_both_succeed(repository):
+    """As when both timers catch up after downtime: systemctl starts both at once and waits for
+    both; the second waits for the first's lock instead of failing on it."""
+    service = BACKUP_VARS["backup__service"]
+    both = repository.run("systemctl start %s@full.service %s@diff.service", service, service)
+    assert both.rc == 0, both.stderr + repository.check_output("journalctl -n 30 -u '%s@*' --no-pager", service)
+
+
 def test_restore_to_a_point_in_time_after_the_data_directory_is_lost(host, repository, cluster):
     """Signups, a backup, more signups, the point in time, signups after it (archived). The data
     directory is then destroyed, and playbooks/restore.yml restores to the point: the signups
