@@ -72,6 +72,12 @@ def record(name, figures):
     RESULTS.write_text(json.dumps({**results, name: figures}, indent=2) + "\n")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_results():
+    """This run's figures only."""
+    RESULTS.unlink(missing_ok=True)
+
+
 @pytest.mark.parametrize("name", BROKERS)
 def test_each_broker_is_copied_on_a_timer_into_a_directory_only_root_reads(host, name):
     timer = host.service(f"{BACKUP_VARS['backup__broker_service']}-{name}.timer")
