@@ -15,6 +15,7 @@ testinfra_hosts = ["ansible://db"]
 
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 RESTORE_PLAYBOOK = PROJECT / "playbooks" / "restore.yml"
+DB_PLAYBOOK = PROJECT / "playbooks" / "db.yml"
 RESULTS = PROJECT / "artifacts" / "backup" / "restore.json"
 BACKUP = role_defaults("backup")
 BACKUP_VARS = role_defaults("backup", "vars")
@@ -188,3 +189,14 @@ def test_the_restore_refuses_without_confirmation_or_with_a_future_target(host):
         returncode, output, folded, _ = ansible_playbook(RESTORE_PLAYBOOK, "-e", json.dumps(extra_vars))
         assert returncode != 0 and refusal in folded, output[-3000:]
         assert host.service(f"postgresql@{host.check_output('pg_lsclusters --no-header').split()[0]}-main").is_running
+
+
+def test_without_backups_the_db_host_retires_its_pgbackrest_server(host, repository, cluster):
+    """Last: playbooks/db.yml for an inventory without a backup group (no repository host) stops
+    the db host's pgBackRest server, closes its port (the firewall drops, rather than the host
+    refusing) and turns WAL archiving off."""
+    returncode, output, _, _ = ansible_playbook(DB_PLAYBOOK, "-e", json.dumps({"backup_repository_host": ""}))
+    assert returncode == 0, output[-3000:]
+    assert not host.service(BACKUP_VARS["backup__server_unit"]).is_running
+    assert tcp_probe(repository, address(host), BACKUP["backup_pgbackrest_port"]) == "timeout"
+    assert sql(host, cluster, "SHOW archive_mode") == "off"

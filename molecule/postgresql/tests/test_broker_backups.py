@@ -30,6 +30,9 @@ RESULTS = PROJECT / "artifacts" / "backup" / "broker-restores.json"
 BACKUP_VARS = role_defaults("backup", "vars")
 KINDS = BACKUP_VARS["backup__broker_kinds"]
 BROKERS = list(KINDS)
+AOF_DIR = role_defaults("redis", "vars")["redis__aof_dir"]
+# Keys written before, and after, the Redis copy in the drill.
+EACH = 25
 
 
 def broker_host(host, name):
@@ -108,47 +111,59 @@ def test_the_snapshot_copy_is_a_redis_rdb_file(host):
 
 @pytest.mark.parametrize("name", BROKERS)
 def test_a_copy_records_its_time_for_prometheus_and_the_oldest_go(host, name):
+    """Past the retention the oldest copies go, and only copies: a file of another name stays."""
     metrics_dir = BACKUP_VARS["backup__metrics_dir"]
-    host.check_output("install -d -m 0755 %s", metrics_dir)
+    other_file = f"{copy_dir(name)}/notes.txt"
+    host.check_output("install -d -m 0755 %s && touch %s", metrics_dir, other_file)
     try:
         started = time.time()
         for _ in range(scenario_setting("backup", "backup_broker_retention") + 1):
             take_copy(host, name)
         metrics = host.file(f"{metrics_dir}/{BACKUP_VARS['backup__metrics_file'].format(source=name)}").content_string
+        assert host.file(other_file).exists
     finally:
-        host.check_output("rm -rf %s", metrics_dir)
+        host.check_output("rm -rf %s %s", metrics_dir, other_file)
     values = dict(line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#"))
     labels = f'{{source="{name}",host="{broker_host(host, name).backend.get_hostname()}"}}'
     assert started - 1 <= float(values[f"cbk_backup_last_success_timestamp_seconds{labels}"]) <= time.time(), values
     assert int(values[f"cbk_backup_max_age_seconds{labels}"]) == scenario_setting(
         "backup", "backup_broker_max_age_seconds"
     )
-    assert len(copies(host, name)) == scenario_setting("backup", "backup_broker_retention")
+    suffix = "." + KINDS[name]["suffix"]
+    assert len([copy for copy in copies(host, name) if copy.endswith(suffix)]) == scenario_setting(
+        "backup", "backup_broker_retention"
+    )
 
 
-def test_restore_rabbitmq_definitions_after_an_account_and_a_policy_are_lost(host):
+def test_restore_rabbitmq_definitions_after_an_account_and_the_policies_are_lost(host):
     """The monitoring account and the app vhost's policies are deleted after the copy; the
     restore puts them back, the account with its password."""
     rabbitmq = broker_host(host, "rabbitmq")
     vhost = scenario_setting("rabbitmq", "rabbitmq_app_vhost")
     monitoring = scenario_setting("rabbitmq", "rabbitmq_monitoring_user")
+
+    def policies():
+        listed = rabbitmq.check_output("rabbitmqctl -q list_policies -p %s --formatter json", vhost)
+        return sorted(policy["name"] for policy in json.loads(listed))
+
+    def has_monitoring_account():
+        users = json.loads(rabbitmq.check_output("rabbitmqctl -q list_users --formatter json"))
+        return monitoring in {user["user"] for user in users}
+
     take_copy(host, "rabbitmq")
-    policies = rabbitmq.check_output("rabbitmqctl -q list_policies -p %s --formatter json", vhost)
-    names = [policy["name"] for policy in json.loads(policies)]
-    assert names
-    for policy in names:
+    lost = policies()
+    assert lost
+    for policy in lost:
         rabbitmq.check_output("rabbitmqctl -q clear_policy -p %s %s", vhost, policy)
     rabbitmq.check_output("rabbitmqctl -q delete_user %s", monitoring)
+    assert not policies() and not has_monitoring_account()
 
     returncode, output, _, seconds = restore("rabbitmq", rabbitmq.backend.get_hostname())
     assert returncode == 0, output[-3000:]
 
-    restored = [
-        policy["name"]
-        for policy in json.loads(rabbitmq.check_output("rabbitmqctl -q list_policies -p %s --formatter json", vhost))
-    ]
-    assert sorted(restored) == sorted(names)
-    # By the name its certificate carries, as the copies reach it.
+    restored = policies()
+    assert restored == lost and has_monitoring_account()
+    # Its password too: a login by the name its certificate carries, as the copies reach it.
     http_request(
         host,
         f"https://{rabbitmq.backend.get_hostname()}:{broker_port('rabbitmq', 'management')}/api/whoami",
@@ -156,49 +171,68 @@ def test_restore_rabbitmq_definitions_after_an_account_and_a_policy_are_lost(hos
     )
     record(
         "rabbitmq",
-        {"restore_playbook_seconds": round(seconds, 1), "policies_restored": len(restored), "accounts_restored": 1},
+        {
+            "restore_playbook_seconds": round(seconds, 1),
+            "policies_lost": len(lost),
+            "policies_restored": len(restored),
+            "accounts_lost": 1,
+            "accounts_restored": int(has_monitoring_account()),
+        },
     )
 
 
 def test_restore_redis_from_a_snapshot(host):
-    """A key written before the copy is back after the restore, one written after it is not, and
-    the data replaced is kept beside the new."""
+    """Keys written before the copy are back after the restore, those written after it are not,
+    and the data replaced is kept beside the new."""
     redis = broker_host(host, "redis")
-    redis_admin(redis, "SET", "cbk:drill:before-copy", "1")
+    before = [f"cbk:drill:before-copy:{n}" for n in range(EACH)]
+    after = [f"cbk:drill:after-copy:{n}" for n in range(EACH)]
+    redis_admin(redis, "MSET", *[part for key in before for part in (key, "1")])
     take_copy(host, "redis")
-    redis_admin(redis, "SET", "cbk:drill:after-copy", "1")
+    redis_admin(redis, "MSET", *[part for key in after for part in (key, "1")])
 
     returncode, output, _, seconds = restore("redis", redis.backend.get_hostname())
     assert returncode == 0, output[-3000:]
 
-    assert redis_admin(redis, "EXISTS", "cbk:drill:before-copy").strip() == "1"
-    assert redis_admin(redis, "EXISTS", "cbk:drill:after-copy").strip() == "0"
-    aof_dir = role_defaults("redis", "vars")["redis__aof_dir"]
-    assert redis.check_output("ls -d %s/%s.before-restore-*", redis_engine()["data_dir"], aof_dir)
+    restored_before = int(redis_admin(redis, "EXISTS", *before))
+    restored_after = int(redis_admin(redis, "EXISTS", *after))
+    assert (restored_before, restored_after) == (EACH, 0)
+    assert redis.check_output("ls -d %s/%s.before-restore-*", redis_engine()["data_dir"], AOF_DIR)
     record(
         "redis",
         {
             "restore_playbook_seconds": round(seconds, 1),
-            "keys_written_before_copy_restored": 1,
-            "keys_written_after_copy_restored": 0,
+            "keys_before_copy": EACH,
+            "restored_before_copy": restored_before,
+            "keys_after_copy": EACH,
+            "restored_after_copy": restored_after,
         },
     )
 
 
 def test_a_broker_restore_refuses_what_it_cannot_do(host):
-    """Refused before the broker is touched: an unknown source, no confirmation, a copy the
-    repository does not have."""
-    redis = broker_host(host, "redis").backend.get_hostname()
+    """Refused before the broker is touched (the same Redis process, no data moved aside): an
+    unknown source, no confirmation, a copy the repository does not have."""
+    redis = broker_host(host, "redis")
+    name = redis.backend.get_hostname()
+
+    def state():
+        run_id = [line for line in redis_admin(redis, "INFO", "server").splitlines() if line.startswith("run_id:")]
+        kept = redis.run("ls -d %s/%s.before-restore-*", redis_engine()["data_dir"], AOF_DIR).stdout.split()
+        return run_id, kept
+
+    untouched = state()
     cases = [
-        ("backup_restore_source must be postgresql or a broker", "memcached", redis, {}),
+        ("backup_restore_source must be postgresql or a broker", "memcached", name, {}),
         ("set backup_restore_confirm to", "redis", "", {}),
         (
             "must name one of the repository's copies",
             "redis",
-            redis,
+            name,
             {"backup_restore_file": "snapshot-19700101T000000Z.rdb"},
         ),
     ]
-    for refusal, name, confirm, extra in cases:
-        returncode, output, folded, _ = restore(name, confirm, extra)
+    for refusal, source, confirm, extra in cases:
+        returncode, output, folded, _ = restore(source, confirm, extra)
         assert returncode != 0 and refusal in folded, output[-3000:]
+    assert state() == untouched
