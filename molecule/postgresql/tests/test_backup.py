@@ -17,6 +17,7 @@ testinfra_hosts = ["ansible://db"]
 PROJECT = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"])
 RESTORE_PLAYBOOK = PROJECT / "playbooks" / "restore.yml"
 DB_PLAYBOOK = PROJECT / "playbooks" / "db.yml"
+BACKUP_PLAYBOOK = PROJECT / "playbooks" / "backup.yml"
 RESULTS = PROJECT / "artifacts" / "backup" / "restore.json"
 BACKUP = role_defaults("backup")
 BACKUP_VARS = role_defaults("backup", "vars")
@@ -190,6 +191,30 @@ def test_the_restore_refuses_without_confirmation_or_with_a_future_target(host):
         returncode, output, folded, _ = ansible_playbook(RESTORE_PLAYBOOK, "-e", json.dumps(extra_vars))
         assert returncode != 0 and refusal in folded, output[-3000:]
         assert host.service(f"postgresql@{host.check_output('pg_lsclusters --no-header').split()[0]}-main").is_running
+
+
+def test_a_broker_no_longer_in_use_has_its_timer_stopped_and_its_files_removed(repository):
+    """playbooks/backup.yml with celery_broker rabbitmq (Redis no longer in use): Redis' timer
+    stops and its settings, secret and metrics file go, its copies stay; RabbitMQ's timer runs on.
+    The scenario's celery_broker brings it all back."""
+    service = BACKUP_VARS["backup__broker_service"]
+    redis_files = [path.replace("{}", "redis") for path in BACKUP_VARS["backup__broker_files"]]
+    metrics_dir = BACKUP_VARS["backup__metrics_dir"]
+    repository.check_output("install -d -m 0755 %s && touch %s", metrics_dir, redis_files[-1])
+    try:
+        returncode, output, _, _ = ansible_playbook(BACKUP_PLAYBOOK, "-e", json.dumps({"celery_broker": "rabbitmq"}))
+        assert returncode == 0, output[-3000:]
+        redis_timer = repository.service(f"{service}-redis.timer")
+        assert not redis_timer.is_running and not redis_timer.is_enabled
+        assert not [path for path in redis_files if repository.file(path).exists]
+        assert repository.check_output("ls %s/redis", BACKUP_VARS["backup__broker_dir"])
+        rabbitmq_timer = repository.service(f"{service}-rabbitmq.timer")
+        assert rabbitmq_timer.is_running and rabbitmq_timer.is_enabled
+    finally:
+        repository.check_output("rm -rf %s", metrics_dir)
+        returncode, output, _, _ = ansible_playbook(BACKUP_PLAYBOOK)
+    assert returncode == 0, output[-3000:]
+    assert repository.service(f"{service}-redis.timer").is_running
 
 
 def test_without_backups_the_db_host_retires_its_pgbackrest_server(host, repository, cluster):
