@@ -95,12 +95,11 @@ def broker_problems():
         specs = yaml.safe_load((ROLES / role / "meta" / "argument_specs.yml").read_text())["argument_specs"]
         options = specs["main"].get("options") or {}
         repeated = {f"{kind} port": port for kind, port in broker["ports"].items()}
-        repeated |= {f"backup {kind}": broker["backup"][kind] for kind in ("listen", "tls", "user")}
+        repeated |= {f"backup {kind}": broker["backup"][kind] for kind in ("listen", "tls", "user") if kind in broker["backup"]}
         for what, value in repeated.items():
             if value["var"] not in defaults:
                 problems.append(f"brokers.yml: {name}'s {what} {value['var']} is not in roles/{role}/defaults/main.yml")
-            # No default here: the role's is a template (host facts), which plays evaluate themselves.
-            elif value["default"] is not None and defaults[value["var"]] != value["default"]:
+            elif defaults[value["var"]] != value["default"]:
                 problems.append(
                     f"brokers.yml: {name}'s {what} {value['var']} defaults to {value['default']},"
                     f" roles/{role}/defaults/main.yml to {defaults[value['var']]}"
