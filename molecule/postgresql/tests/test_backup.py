@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import jinja2
 import pytest
 from cbk_testlib import address, ansible_playbook, inventory_host, role_defaults, tcp_probe, wait_until
 
@@ -198,7 +199,10 @@ def test_a_broker_no_longer_in_use_has_its_timer_stopped_and_its_files_removed(r
     stops and its settings, secret and metrics file go, its copies stay; RabbitMQ's timer runs on.
     The scenario's celery_broker brings it all back."""
     service = BACKUP_VARS["backup__broker_service"]
-    redis_files = [path.replace("{}", "redis") for path in BACKUP_VARS["backup__broker_files"]]
+    # The role's vars as Ansible templates them (they name one another), then Redis' name in.
+    redis_files = [
+        jinja2.Template(path).render(BACKUP_VARS).replace("{}", "redis") for path in BACKUP_VARS["backup__broker_files"]
+    ]
     metrics_dir = BACKUP_VARS["backup__metrics_dir"]
     repository.check_output("install -d -m 0755 %s && touch %s", metrics_dir, redis_files[-1])
     try:
