@@ -1,8 +1,9 @@
 """Task load for the HA scenarios' failover tests (molecule/rabbitmq-cluster, molecule/redis-sentinel).
 
 Workers and publisher run on the docker host from the sample app's venv (ha/ha_load.py); the brokers
-are the scenario's containers. A test starts the workers, publishes at a steady rate, stops a broker
-node part-way through, and then compares what was sent with what ran.
+are the scenario's containers. A test starts the workers, publishes at a steady rate, makes a fault on a broker node part-way
+through (halt, kill, frozen, partitioned), and then compares what was sent with what ran (tally),
+writing the counts to artifacts/ha/<scenario>.json (write_report), one entry per fault.
 """
 
 import json
@@ -11,6 +12,7 @@ import signal
 import sqlite3
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,3 +115,65 @@ def halt(container, timeout=120):
     """
     subprocess.run(["docker", "kill", "--signal", "SIGRTMIN+3", container], check=True, capture_output=True)
     subprocess.run(["docker", "wait", container], check=True, capture_output=True, timeout=timeout)
+
+
+def kill(container):
+    """A power cut: SIGKILL to every process of the node at once (`docker kill`), nothing flushed or handed over."""
+    subprocess.run(["docker", "kill", container], check=True, capture_output=True)
+
+
+@contextmanager
+def frozen(container, process):
+    """The node's ``process`` (its exact name) stopped with SIGSTOP, as a long GC pause or a stalled VM
+    would: its sockets stay open and its peers see it go silent. SIGCONT on leaving."""
+    signal_all = ["docker", "exec", container, "pkill", "--exact"]
+    subprocess.run([*signal_all, "--signal", "STOP", process], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([*signal_all, "--signal", "CONT", process], check=True, capture_output=True)
+
+
+FAULT_TABLE = "cbk_fault"
+
+
+@contextmanager
+def partitioned(container, peers):
+    """The node cut off from the ``peers`` addresses both ways, its other links (clients) kept: a table
+    of its own, ahead of the kit's firewall (which a converge replaces whole, leaving other tables be).
+    Deleted on leaving: the partition heals."""
+    addresses = ", ".join(peers)
+    rules = (
+        f"table inet {FAULT_TABLE} {{\n"
+        f"  chain input {{ type filter hook input priority -10; ip saddr {{ {addresses} }} drop; }}\n"
+        f"  chain output {{ type filter hook output priority -10; ip daddr {{ {addresses} }} drop; }}\n"
+        "}\n"
+    )
+    subprocess.run(["docker", "exec", "-i", container, "nft", "-f", "-"], input=rules, text=True, check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["docker", "exec", container, "nft", "delete", "table", "inet", FAULT_TABLE], check=True)
+
+
+def tally(sent, refused, runs):
+    """What every fault reports, from HALoad.publish's (sent, refused) and HALoad.runs(): tasks sent,
+    confirmed by the broker, run once, lost (confirmed, never run), run more than once, and run though
+    their publish was refused (its confirm lost with the node)."""
+    return {
+        "sent": len(sent) + len(refused),
+        "confirmed": len(sent),
+        "ran_once": sum(1 for task in sent if runs.get(task) == 1),
+        "lost": sum(1 for task in sent if task not in runs),
+        "ran_more_than_once": sum(1 for count in runs.values() if count > 1),
+        "ran_but_not_confirmed": len(runs.keys() - set(sent)),
+        "refused": refused,
+    }
+
+
+def write_report(scenario, fault, report):
+    """Adds ``{fault: report}`` to artifacts/ha/<scenario>.json (the README's HA table comes from these)."""
+    path = REPO / "artifacts" / "ha" / f"{scenario}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    reports = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**reports, fault: report}, indent=2) + "\n")
