@@ -227,6 +227,17 @@ def ansible_playbook(playbook, *args):
     )
 
 
+def changed_tasks(output):
+    """{host: [the titles of the tasks that changed on it]} from an ansible_playbook output."""
+    changed, task = {}, None
+    for line in output.splitlines():
+        if title := re.match(r"^(?:TASK|RUNNING HANDLER) \[(.*)\]", line):
+            task = title.group(1)
+        elif host := re.match(r"^changed: \[(\S+)\]", line):
+            changed.setdefault(host.group(1), []).append(task)
+    return {name: list(dict.fromkeys(tasks)) for name, tasks in changed.items()}
+
+
 def redis_engine_name(variables=None):
     """The redis role's engine for a host's variables: their redis_engine, else the role's default."""
     return (variables or {}).get("redis_engine", role_defaults("redis")["redis_engine"])

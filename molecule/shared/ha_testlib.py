@@ -1,9 +1,10 @@
 """Task load for the HA scenarios' failover tests (molecule/rabbitmq-cluster, molecule/redis-sentinel).
 
 Workers and publisher run on the docker host from the sample app's venv (ha/ha_load.py); the brokers
-are the scenario's containers. A test starts the workers, publishes at a steady rate, makes a fault on a broker node part-way
-through (halt, kill, frozen, partitioned), and then compares what was sent with what ran (tally),
-writing the counts to artifacts/ha/<scenario>.json (write_report), one entry per fault.
+are the scenario's containers. A test starts the workers, publishes at a steady rate, makes a fault
+on a broker node part-way through (halt, kill, frozen, partitioned), and then compares what was
+sent with what ran (tally), writing the counts to artifacts/ha/<scenario>.json (write_report),
+one entry per fault.
 """
 
 import json
@@ -83,12 +84,13 @@ class HALoad:
         publisher.wait(timeout=60)
         return sent, refused
 
-    def runs(self):
-        """{task id: executions} so far."""
+    def runs(self, since=0.0):
+        """{task id: executions} so far, or only those from ``since`` (time.time()): a test that makes
+        several faults with one load counts each fault's own."""
         if not self.db.exists():
             return {}
         with sqlite3.connect(self.db, timeout=60) as db:
-            return dict(db.execute("SELECT task, count(*) FROM runs GROUP BY task").fetchall())
+            return dict(db.execute("SELECT task, count(*) FROM runs WHERE at >= ? GROUP BY task", (since,)).fetchall())
 
     def unrecorded(self):
         """Task ids a worker popped from Redis but could not record as unacked (ha_load)."""
@@ -97,11 +99,11 @@ class HALoad:
         with sqlite3.connect(self.db, timeout=60) as db:
             return [task for (task,) in db.execute("SELECT task FROM unrecorded")]
 
-    def wait_for_runs(self, task_ids, timeout):
-        """Wait until every task in ``task_ids`` ran; return {task id: executions} of all runs."""
+    def wait_for_runs(self, task_ids, timeout, since=0.0):
+        """Wait until every task in ``task_ids`` ran; return {task id: executions} of the runs from ``since``."""
         deadline = time.monotonic() + timeout
         while True:
-            runs = self.runs()
+            runs = self.runs(since)
             if set(task_ids) <= runs.keys() or time.monotonic() > deadline:
                 return runs
             time.sleep(2)
