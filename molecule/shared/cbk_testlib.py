@@ -132,7 +132,9 @@ def brokers():
     secrets}, "brokers_of_celery_broker": {celery_broker: [broker names, main first]}} (untemplated)."""
     import yaml
 
-    return yaml.safe_load((Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "playbooks" / "vars" / "brokers.yml").read_text())
+    return yaml.safe_load(
+        (Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "playbooks" / "vars" / "brokers.yml").read_text()
+    )
 
 
 def broker_entry(name):
@@ -227,6 +229,18 @@ def ansible_playbook(playbook, *args):
     )
 
 
+def failures(output):
+    """An ansible_playbook output's failed tasks and handlers, each with its title and message, or its
+    last lines when none failed (a test's assertion message)."""
+    lines, title, found = output.splitlines(), "", []
+    for line in lines:
+        if line.startswith(("TASK [", "RUNNING HANDLER [")):
+            title = line
+        elif line.startswith(("fatal: [", "failed: [")):
+            found += [title, line[:2000]]
+    return "\n".join(found) or "\n".join(lines[-40:])
+
+
 def changed_tasks(output):
     """{host: [the titles of the tasks that changed on it]} from an ansible_playbook output."""
     changed, task = {}, None
@@ -266,7 +280,17 @@ def redis_password(user):
 
 
 def redis_cli(
-    client, *command, user=None, password=None, server=None, port=None, tls=False, ca=None, engine=None, lines=(), check=False
+    client,
+    *command,
+    user=None,
+    password=None,
+    server=None,
+    port=None,
+    tls=False,
+    ca=None,
+    engine=None,
+    lines=(),
+    check=False,
 ):
     """The cli (redis-cli, valkey-cli) of engine (the client's redis_engine entry, else the role's
     default engine) run on client: against server (at port, else the cli's default port), over TLS
@@ -714,6 +738,7 @@ def amqp_login(client, url, ssl=None):
 MAILDIR = scenario_setting("mail_sink", "mail_sink__maildir")
 MANAGE = scenario_setting("django_app", "django_app__manage")
 
+
 class Site:
     """Where a full-stack scenario's app answers: HTTPS at nginx or plain HTTP
     (django_app_https, as the scenario templates it for the web host)."""
@@ -721,7 +746,9 @@ class Site:
     def __init__(self, web_host, address):
         self.address = address
         self.https = host_variable(web_host, "django_app_https") == "nginx"
-        self.port = int(scenario_setting("django_app", "django_app_https_port" if self.https else "django_app_http_port"))
+        self.port = int(
+            scenario_setting("django_app", "django_app_https_port" if self.https else "django_app_http_port")
+        )
         self.url = f"{'https' if self.https else 'http'}://{address}"
 
 
@@ -742,11 +769,15 @@ def management_ui(broker_host, address):
 
 
 def flower_ui(flower_host, address):
-    return OperatorUI(flower_host, address, "celery_worker", "celery_worker_flower_tls_enabled", "celery_worker_flower_port")
+    return OperatorUI(
+        flower_host, address, "celery_worker", "celery_worker_flower_tls_enabled", "celery_worker_flower_port"
+    )
 
 
 def prometheus_ui(monitoring_host, address):
-    return OperatorUI(monitoring_host, address, "monitoring", "monitoring_exporter_tls_enabled", "monitoring_prometheus_port")
+    return OperatorUI(
+        monitoring_host, address, "monitoring", "monitoring_exporter_tls_enabled", "monitoring_prometheus_port"
+    )
 
 
 def prometheus_query(client, prometheus, expr):
@@ -847,7 +878,14 @@ class SignupLoad:
     def __init__(self, container, site, tag, count=None, rate=15):
         self.tag = f"{tag}{uuid.uuid4().hex[:6]}"  # this run's addresses only
         args = json.dumps(
-            {"address": site.address, "port": site.port, "https": site.https, "tag": self.tag, "count": count, "rate": rate}
+            {
+                "address": site.address,
+                "port": site.port,
+                "https": site.https,
+                "tag": self.tag,
+                "count": count,
+                "rate": rate,
+            }
         )
         self.process = subprocess.Popen(
             ["docker", "exec", "-i", container, "python3", "-c", SIGNUP_LOAD, args],
