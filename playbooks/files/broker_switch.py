@@ -27,6 +27,7 @@ import json
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 from celery.app.utils import find_app
@@ -138,16 +139,27 @@ def declared(connection, queue):
         channel.close()
 
 
+def ask_workers(url, kind):
+    """The replies of the workers connected to this broker to inspect's `kind` query (active,
+    reserved or scheduled), on a connection of its own: a kombu connection serves one thread."""
+    with connect(url) as connection:
+        connection.ensure_connection(max_retries=1)
+        return getattr(app.control.inspect(timeout=3, connection=connection), kind)() or {}
+
+
 def look(url, queues):
     """Messages waiting in the queues on this broker, the tasks of those queues that workers
     connected to it say they hold: [(id, name, queue, eta or None)], and the orphans (Redis)."""
     with connect(url) as connection:
         connection.ensure_connection(max_retries=1)
         waiting = {queue: ok.message_count if (ok := declared(connection, queue)) else 0 for queue in queues}
-        inspect = app.control.inspect(timeout=3, connection=connection)
+        # Then the workers (a task taken from a queue since is held), the three queries at once:
+        # with the number of workers unknown each waits its whole timeout, 9 s one after another.
+        kinds = ("active", "reserved", "scheduled")
+        with ThreadPoolExecutor(max_workers=len(kinds)) as pool:
+            answers = list(pool.map(lambda kind: ask_workers(url, kind), kinds))
         held = []
-        for kind in ("active", "reserved", "scheduled"):
-            replies = getattr(inspect, kind)() or {}
+        for replies in answers:
             for tasks in replies.values():
                 for entry in tasks:
                     task = entry.get("request", entry)

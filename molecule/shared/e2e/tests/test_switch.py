@@ -144,19 +144,20 @@ def fingerprint(backend, front):
     )
 
 
-def publish(host, tag, count, countdown=None):
-    """Publishes track_event tasks from the host with its current settings; the task id is
-    the event id. Returns the ids."""
-    ids = [str(uuid.uuid4()) for _ in range(count)]
-    options = f", countdown={countdown}" if countdown else ""
+def publish(host, tag, count, countdowns=(None,)):
+    """Publishes count track_event tasks per countdown (seconds, None for none) from the host
+    with its current settings, in one Django shell (each costs seconds to start); the task id
+    is the event id. Returns the ids."""
+    batches = [(countdown, [str(uuid.uuid4()) for _ in range(count)]) for countdown in countdowns]
     host.check_output(
         "%s shell -c %s",
         MANAGE,
         "from analytics.tasks import track_event\n"
-        f"for event_id in {ids!r}:\n"
-        f"    track_event.apply_async((event_id, {tag!r}), task_id=event_id{options})\n",
+        f"for countdown, ids in {batches!r}:\n"
+        "    for event_id in ids:\n"
+        f"        track_event.apply_async((event_id, {tag!r}), task_id=event_id, countdown=countdown)\n",
     )
-    return ids
+    return [event_id for _, ids in batches for event_id in ids]
 
 
 def drain_figures(switch):
@@ -243,7 +244,7 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     # of the switch after it (600 s), which must still run it once; held by a worker that then
     # dies: Redis keeps the message in its `unacked` hash, where only visibility_timeout (1 h)
     # would bring it back: an orphan.
-    late = publish(front, "switch-late", 1, countdown=300)
+    late = publish(front, "switch-late", 1, countdowns=(300,))
     carried_over.extend(late)
     deadline = time.monotonic() + 120
     while late[0] not in front.check_output(f"{CELERY} inspect scheduled --timeout=5 || true"):
@@ -309,7 +310,7 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
     backlog = publish(front, f"switch-{new}-backlog", BACKLOG)
     for host in hosts:
         host.check_output("systemctl start celery-worker@default")
-    scheduled = [task for countdown in COUNTDOWNS for task in publish(front, f"switch-{new}-eta", 5, countdown)]
+    scheduled = publish(front, f"switch-{new}-eta", 5, COUNTDOWNS)
     load = SignupLoad(PROBE, site, f"switch{new}", rate=SIGNUP_RATE)
     # After the backlog's restarts of celery-worker@default above, which the test made.
     switched_at = time.time() - 1
