@@ -53,6 +53,10 @@ QUORUM_QUEUE_ARGUMENTS = {"x-queue-type": "quorum"}
 # Seconds to connect to, and wait for, one Sentinel before asking the next: a Sentinel whose host
 # is down must not stall finding the primary. Its answers are small and immediate.
 SENTINEL_SOCKET_TIMEOUT = 2
+# Seconds to connect to the primary the Sentinels named. One that lost power refuses nothing: without
+# a bound, a connect made before the Sentinels elect another waits minutes for TCP to give up, and the
+# publish with it, instead of asking them again.
+PRIMARY_CONNECT_TIMEOUT = 2
 # TLS to Redis (rediss://, or Sentinels that serve TLS): verify the server's certificate against the
 # system's trust store, and its name; kombu otherwise falls back to CERT_NONE for rediss://.
 REDIS_TLS = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
@@ -235,6 +239,10 @@ def build_celery_config(
     ]:
         if url and broker_scheme(url) == "sentinel":
             config[options] = {**config.get(options, {}), **_sentinel_options(sentinel)}
+    if broker_scheme(broker_url) == "sentinel":
+        config["broker_transport_options"]["socket_connect_timeout"] = PRIMARY_CONNECT_TIMEOUT
+    if result_backend and broker_scheme(result_backend) == "sentinel":
+        config["redis_socket_connect_timeout"] = PRIMARY_CONNECT_TIMEOUT
     if (sentinel or {}).get("tls"):
         # TLS to the primary the Sentinels name (sentinel_kwargs covers the Sentinels themselves).
         if broker_scheme(broker_url) == "sentinel":

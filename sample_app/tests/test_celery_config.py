@@ -17,6 +17,7 @@ from myproject.celery import DeclareDeadLetterQueue, app, keep_failed_task_on_re
 from myproject.celery_config import (
     DEAD_LETTER_QUEUE,
     MAX_COUNTDOWN,
+    PRIMARY_CONNECT_TIMEOUT,
     QUEUE_NAMES,
     REDIS_DEAD_LETTERS_KEPT,
     SENTINEL_SOCKET_TIMEOUT,
@@ -222,6 +223,8 @@ def test_sentinel_transport_options():
     assert transport["priority_steps"] == list(range(10))
     assert config["result_backend_transport_options"] == {"visibility_timeout": VISIBILITY_TIMEOUT, **SENTINEL_OPTIONS}
     assert "broker_use_ssl" not in config
+    # A primary that lost power is given up on in seconds, and the Sentinels asked again.
+    assert transport["socket_connect_timeout"] == config["redis_socket_connect_timeout"] == PRIMARY_CONNECT_TIMEOUT
 
 
 def test_sentinel_result_backend_with_rabbitmq_broker():

@@ -2,13 +2,17 @@
 
 The tests run once each, from the controller, against the three containers over docker
 exec, in file order: the topology and ACL checks first, then the failover (a halt of the
-primary), the old primary's return (`docker start`), a converge after both, and a second
-failover under a Celery task load through the Sentinels (ha_testlib)."""
+primary), the old primary's return (`docker start`), a converge after both, and then faults
+under one Celery task load through the Sentinels (ha_testlib): a halt, a rolling restart by a
+converge, a power cut (kill), a frozen primary and a primary cut off from its peers. Each
+leaves the group healthy for the next and adds its counts to artifacts/ha/redis-sentinel.json."""
 
+import contextlib
 import json
 import os
 import re
 import subprocess
+import threading
 import time
 import uuid
 
@@ -23,12 +27,13 @@ from cbk_testlib import (
     platform_addresses,
     redis_cli,
     role_defaults,
+    scenario_config,
     scenario_setting,
     scenario_variables,
     wait_until,
 )
 from cbk_testlib import redis_password as password
-from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, halt
+from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, frozen, halt, kill, partitioned, tally, write_report
 
 NODES = platform_addresses()
 # TLS only (molecule.yml): Redis on its TLS port, the Sentinels on theirs, plain text closed.
@@ -44,6 +49,13 @@ CONTROLLER_CA = f"{scenario_variables()['base_tls_kit_ca_dir']}/ca.crt"
 # for a loaded CI machine.
 ELECTION_BOUND = 30
 TASKS, PER_SECOND, STOP_AFTER = 300, 20, 100
+# How long the runs may stop coming before a batch counts as settled: the workers drain a backlog
+# faster than the load fills it, so a pause this long means no task is left to run.
+SETTLE_SECONDS = 15
+SCENARIO = scenario_config()["scenario"]["name"]
+# Sentinel's down-after-milliseconds, and the primary's min-replicas-max-lag, in seconds.
+DOWN_AFTER = scenario_setting("redis", "redis_sentinel_down_after_ms") / 1000
+MAX_LAG = scenario_setting("redis", "redis_min_replicas_max_lag")
 # The Sentinels PING each other every second and publish hello messages through every server
 # every 2 s: a capture this much longer holds several of each.
 SENTINEL_SECONDS = 5
@@ -267,22 +279,22 @@ def test_failover_elects_a_new_primary_that_has_the_data(failover):
 # --- (e) the old primary returns ---------------------------------------------------------------
 
 
+def replicates_from(replica, primary):
+    try:
+        state = info(replica)
+    except Exception:  # noqa: BLE001 (still booting)
+        return False
+    return (
+        state.get("role") == "slave"
+        and state.get("master_host") == NODES[primary]
+        and state.get("master_link_status") == "up"
+    )
+
+
 def test_old_primary_returns_as_a_replica_of_the_new_one(failover):
     old, new = failover["old"], failover["primary"]
     subprocess.run(["docker", "start", old], check=True, capture_output=True)
-
-    def replicating():
-        try:
-            state = info(old)
-        except Exception:  # noqa: BLE001 (still booting)
-            return False
-        return (
-            state.get("role") == "slave"
-            and state.get("master_host") == NODES[new]
-            and state.get("master_link_status") == "up"
-        )
-
-    wait_until(replicating, 60, f"{old} a replica of {new} with its link up")
+    wait_until(lambda: replicates_from(old, new), 60, f"{old} a replica of {new} with its link up")
     wait_until(
         lambda: all(primary_by_sentinel(name, "127.0.0.1") == [NODES[new]] for name in NODES),
         30,
@@ -306,7 +318,26 @@ def test_converge_after_the_failover_keeps_the_new_primary_and_restarts_nothing(
         assert main_pid(name) == pid, f"redis-server restarted on {name}"
 
 
-# --- (g) a failover under a Celery task load ---------------------------------------------------
+# --- (g) to (k): faults under a Celery task load ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def load(tmp_path_factory):
+    """One Celery load through the Sentinels for every fault below: the workers start once, and each
+    test publishes its own tasks. The report starts anew with them."""
+    scheme = broker_entry("redis")["sentinel_scheme"]
+    url = ";".join(f"{scheme}://celery:{password('celery')}@{ip}:{SENTINEL_PORT}/0" for ip in NODES.values())
+    sentinel = {
+        "master_name": MASTER,
+        "username": "celery-sentinel",
+        "password": password("celery-sentinel"),
+        "tls": TLS,
+    }
+    load = HALoad(tmp_path_factory.mktemp("ha"), url, sentinel=sentinel, ca_file=CONTROLLER_CA if TLS else None)
+    (REPO / "artifacts" / "ha" / f"{SCENARIO}.json").unlink(missing_ok=True)
+    load.start_workers()
+    yield load
+    load.stop_workers()
 
 
 def age_held_messages(primary):
@@ -323,52 +354,387 @@ def age_held_messages(primary):
     return len(tags)
 
 
-def test_failover_under_a_celery_load_loses_only_tasks_popped_as_the_primary_went_down(failover, tmp_path):
-    old = failover["primary"]
-    scheme = broker_entry("redis")["sentinel_scheme"]
-    url = ";".join(f"{scheme}://celery:{password('celery')}@{ip}:{SENTINEL_PORT}/0" for ip in NODES.values())
-    sentinel = {"master_name": MASTER, "username": "celery-sentinel", "password": password("celery-sentinel"), "tls": TLS}
-    load = HALoad(tmp_path, url, sentinel=sentinel, ca_file=CONTROLLER_CA if TLS else None)
-    load.start_workers()
-    survivors = [name for name in NODES if name != old]
+def name_of(ip):
+    return next(name for name, address in NODES.items() if address == ip)
 
-    def elected():
-        answers = {tuple(primary_by_sentinel(name, "127.0.0.1")) for name in survivors}
-        return len(answers) == 1 and answers != {(NODES[old],)} and next(iter(answers))[0]
+
+def named_primary(sentinels):
+    """The primary the Sentinels of these nodes all name, else None."""
+    answers = {tuple(primary_by_sentinel(name, "127.0.0.1")) for name in sentinels}
+    return name_of(answers.pop()[0]) if len(answers) == 1 and () not in answers else None
+
+
+def wait_for_a_healthy_group(seconds=60):
+    """The state every fault test starts from and leaves: the three Sentinels name one primary, the only
+    node that says it is one, and both others replicate from it with their link up. Returns its name."""
+
+    def healthy():
+        primary = named_primary(NODES)
+        if not primary:
+            return None
+        roles = {name: info(name) for name in NODES}
+        replicas = [
+            state.get("role") == "slave"
+            and state.get("master_host") == NODES[primary]
+            and state.get("master_link_status") == "up"
+            for name, state in roles.items()
+            if name != primary
+        ]
+        return roles[primary].get("role") == "master" and all(replicas) and primary
+
+    return wait_until(healthy, seconds, "one primary named by the three Sentinels, two replicas linked to it")
+
+
+class Election(threading.Thread):
+    """Seconds from start() until the Sentinels of the nodes other than ``old`` name another primary."""
+
+    def __init__(self, old):
+        super().__init__(daemon=True)
+        self.old, self.new, self.seconds = old, None, None
+        self.started = time.monotonic()
+
+    def run(self):
+        survivors = [name for name in NODES if name != self.old]
+        deadline = self.started + ELECTION_BOUND + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(subprocess.CalledProcessError, StopIteration):
+                if (new := named_primary(survivors)) and new != self.old:
+                    self.new, self.seconds = new, round(time.monotonic() - self.started, 1)
+                    return
+            time.sleep(0.5)
+
+    def result(self):
+        self.join()
+        assert self.new, f"the Sentinels named no primary other than {self.old} within {ELECTION_BOUND + 30} s"
+        return self.new, self.seconds
+
+
+def run_batch(load, publish, primary):
+    """Publishes with ``publish`` (a call of load.publish, returning sent and refused), then waits until
+    every task sent ran, or the runs stop coming; the messages held on ``primary()`` are aged once.
+    Returns sent, refused, this batch's runs (of tasks unknown before it), how many were held, the
+    tasks sent that a worker popped but could not record, and how many worker processes exited."""
+    before = set(load.runs())
+    sent, refused = publish()
+    expected = set(sent) - set(load.unrecorded())
+    exited = []
+    runs = settle(load, expected, exited)
+    held = 0
+    if expected - runs.keys():
+        held = age_held_messages(primary())
+        runs = settle(load, expected, exited)
+    batch = {task: count for task, count in load.runs().items() if task not in before}
+    return sent, refused, batch, held, set(load.unrecorded()) & set(sent), sum(exited)
+
+
+def restart_exited_workers(load):
+    """Starts the workers anew when one exited, as the kit's unit does (Restart=always): kombu takes an
+    error reply to a worker's ack (NOREPLICAS from a primary cut off from its replicas) for an
+    unrecoverable one. Returns how many had exited."""
+    exited = sum(worker.poll() is not None for worker in load.workers)
+    if exited:
+        load.stop_workers()
+        load.workers = []
+        load.start_workers()
+    return exited
+
+
+def settle(load, expected, exited, quiet=SETTLE_SECONDS, timeout=120):
+    """load.runs() once every expected task ran, or no run came for ``quiet`` seconds; the workers that
+    exited meanwhile are started again and counted in ``exited``."""
+    deadline, last, count = time.monotonic() + timeout, time.monotonic(), -1
+    while True:
+        exited.append(restart_exited_workers(load))
+        runs = load.runs()
+        if expected <= runs.keys() or time.monotonic() > deadline or time.monotonic() - last > quiet:
+            return runs
+        if sum(runs.values()) != count:
+            count, last = sum(runs.values()), time.monotonic()
+        time.sleep(2)
+
+
+def report_of(sent, refused, runs, unrecorded, **more):
+    """tally's counts, with the lost tasks split: popped from a primary that went down before the worker
+    recorded them (kombu's window, ha_load logs them), and the others (their publish, or the worker's
+    record of them, acknowledged by a primary and not replicated before it went away)."""
+    report = tally(sent, refused, runs)
+    lost = {task for task in sent if task not in runs}
+    report.update(
+        lost_popped_unrecorded=len(lost & unrecorded),
+        lost_not_replicated=len(lost - unrecorded),
+        **more,
+    )
+    return report
+
+
+def test_failover_under_a_celery_load_loses_only_tasks_popped_as_the_primary_went_down(load):
+    old = wait_for_a_healthy_group()
+    election = Election(old)
+
+    def fault():
+        election.started = time.monotonic()
+        election.start()
+        halt(old)
 
     try:
-        sent, refused = load.publish("ha.record", TASKS, PER_SECOND, after=STOP_AFTER, action=lambda: halt(old))
-        new = next(name for name, ip in NODES.items() if ip == wait_until(elected, ELECTION_BOUND + 30, "a new primary"))
-        # Tasks the workers logged as popped but unrecorded (below) cannot run: not waited for.
-        expected = set(sent) - set(load.unrecorded())
-        runs = load.wait_for_runs(expected, timeout=120)
-        held = 0
-        if expected - runs.keys():
-            held = age_held_messages(new)
-            runs = load.wait_for_runs(expected, timeout=120)
+        sent, refused, runs, held, unrecorded, exited = run_batch(
+            load,
+            lambda: load.publish("ha.record", TASKS, PER_SECOND, after=STOP_AFTER, action=fault),
+            lambda: election.result()[0],
+        )
+        new, seconds = election.result()
     finally:
-        load.stop_workers()
         subprocess.run(["docker", "start", old], check=True, capture_output=True)
-    lost = [task for task in sent if task not in runs]
-    unrecorded = load.unrecorded()
-    twice = {task: count for task, count in runs.items() if count > 1}
-    # The numbers first: a CI summary keeps only the start of the assertion message.
-    report = {
-        "lost": len(lost),
-        "lost_between_pop_and_unacked_record": len(set(lost) & set(unrecorded)),
-        "ran_more_than_once": len(twice),
-        "refused": refused,
-        "held_until_aged": held,
-        "sent": len(sent),
-        "ran_but_not_sent": len(runs.keys() - set(sent)),
-        "stopped": old,
-        "new_primary": new,
-    }
-    (REPO / "artifacts" / "ha").mkdir(parents=True, exist_ok=True)
-    (REPO / "artifacts" / "ha" / "redis-sentinel.json").write_text(json.dumps(report, indent=2) + "\n")
+    report = report_of(
+        sent,
+        refused,
+        runs,
+        unrecorded,
+        recovery_seconds=seconds,
+        held_until_aged=held,
+        workers_exited=exited,
+        faulted=old,
+        new_primary=new,
+    )
+    write_report(SCENARIO, "halt", report)
     assert not refused, report
     # Kombu's Redis transport pops a message, then records it as unacked: a task popped from the
     # halted primary just before it went down is lost (ha_load logs it). That window holds at most
     # one message per worker's consumer connection; any other loss fails here.
-    assert set(lost) <= set(unrecorded) and len(unrecorded) <= WORKERS, report
-    assert len(twice) <= WORKERS * CONCURRENCY * 2, report
+    assert report["lost_not_replicated"] == 0 and len(unrecorded) <= WORKERS, report
+    assert report["ran_more_than_once"] <= WORKERS * CONCURRENCY * 2, report
+    wait_for_a_healthy_group(90)
+
+
+# --- (h) a rolling restart under a Celery task load ---------------------------------------------------
+
+PLAYBOOK = os.path.join(os.path.dirname(__file__), os.pardir, "converge.yml")
+# A redis.conf setting the role applies by a restart: the other of its two allowed values.
+RESTART_SETTING = "redis_appendfsync"
+
+
+def test_a_restart_of_the_group_under_a_celery_load_loses_nothing(load):
+    """A converge that changes redis.conf restarts every server, the primary after handing over,
+    while tasks are published: none is refused, none lost but in kombu's window."""
+    old = wait_for_a_healthy_group()
+    pids = {name: main_pid(name) for name in NODES}
+    value = {"everysec": "always", "always": "everysec"}[scenario_setting("redis", RESTART_SETTING)]
+    converge = {}
+    thread = threading.Thread(
+        target=lambda: converge.update(
+            result=ansible_playbook(PLAYBOOK, "--skip-tags", "cbk-base", "-e", json.dumps({RESTART_SETTING: value}))
+        )
+    )
+    started = time.monotonic()
+
+    def publish_while_converging():
+        thread.start()
+        sent, refused = [], []
+        # Batches until the converge ends: it takes a minute or more, the restarts towards its end.
+        while thread.is_alive():
+            batch_sent, batch_refused = load.publish("ha.record", TASKS // 3, PER_SECOND)
+            sent += batch_sent
+            refused += batch_refused
+        return sent, refused
+
+    sent, refused, runs, held, unrecorded, exited = run_batch(
+        load, publish_while_converging, lambda: named_primary(NODES)
+    )
+    returncode, output, _, recap = converge["result"]
+    new = wait_for_a_healthy_group()
+    report = report_of(
+        sent,
+        refused,
+        runs,
+        unrecorded,
+        converge_seconds=round(time.monotonic() - started),
+        held_until_aged=held,
+        workers_exited=exited,
+        old_primary=old,
+        new_primary=new,
+    )
+    write_report(SCENARIO, "rolling restart", report)
+    assert returncode == 0, output[-6000:]
+    assert {name: main_pid(name) != pid for name, pid in pids.items()} == dict.fromkeys(NODES, True), pids
+    assert new != old, report
+    appendfsync = RESTART_SETTING.removeprefix("redis_")
+    for name in NODES:
+        assert cli(name, "127.0.0.1", REDIS_PORT, f"CONFIG GET {appendfsync}", user="admin")[-1] == value, name
+    assert not refused and report["workers_exited"] == 0, report
+    assert report["lost_not_replicated"] == 0 and len(unrecorded) <= WORKERS, report
+    # The scenario's setting back, by another rolling restart.
+    returncode, output, _, _ = ansible_playbook(PLAYBOOK, "--skip-tags", "cbk-base")
+    assert returncode == 0, output[-6000:]
+    wait_for_a_healthy_group()
+
+
+# --- (i) a power cut of the primary under a Celery task load -----------------------------------------
+
+# Replication is asynchronous: the primary acknowledges a write before its replicas have it. They
+# follow within milliseconds and acknowledge every second, so a power cut loses at most what the
+# load sent in the last second (PER_SECOND tasks); the kill measures how much of it is lost.
+UNREPLICATED_BOUND = PER_SECOND
+
+
+def test_a_power_cut_of_the_primary_under_a_celery_load_loses_at_most_its_last_second(load):
+    old = wait_for_a_healthy_group()
+    election = Election(old)
+
+    def fault():
+        election.started = time.monotonic()
+        election.start()
+        kill(old)
+
+    try:
+        sent, refused, runs, held, unrecorded, exited = run_batch(
+            load,
+            lambda: load.publish("ha.record", TASKS, PER_SECOND, after=STOP_AFTER, action=fault),
+            lambda: election.result()[0],
+        )
+        new, seconds = election.result()
+    finally:
+        subprocess.run(["docker", "start", old], check=True, capture_output=True)
+    report = report_of(
+        sent,
+        refused,
+        runs,
+        unrecorded,
+        recovery_seconds=seconds,
+        held_until_aged=held,
+        workers_exited=exited,
+        faulted=old,
+        new_primary=new,
+    )
+    write_report(SCENARIO, "kill", report)
+    wait_until(lambda: replicates_from(old, new), 90, f"{old} back as a replica of {new}")
+    assert not refused, report
+    assert len(unrecorded) <= WORKERS and report["lost_not_replicated"] <= UNREPLICATED_BOUND, report
+    assert report["ran_more_than_once"] <= WORKERS * CONCURRENCY * 2, report
+    wait_for_a_healthy_group()
+
+
+# --- (j) a frozen primary under a Celery task load ----------------------------------------------------
+
+# Longer than down-after-milliseconds and the election after it: the others go on without it.
+FREEZE_SECONDS = 3 * DOWN_AFTER
+# From SIGCONT until the Sentinels have made it a replica (they wait 8 s before demoting a stale one).
+DEMOTION_BOUND = 30
+# A thawed primary runs the commands that waited on its connections before it counts its replicas again
+# (once a second): it may take the publish each publishing connection had in flight, and lose it when it
+# resynchronises. The load publishes from one connection, one task at a time.
+IN_FLIGHT_BOUND = 1
+
+
+def test_a_frozen_primary_comes_back_as_a_replica_without_a_split_brain(load):
+    old = wait_for_a_healthy_group()
+    election = Election(old)
+    demoted = {}
+
+    def fault():
+        election.started = time.monotonic()
+        election.start()
+        with frozen(old, "redis-server"):
+            time.sleep(FREEZE_SECONDS)
+        thawed = time.monotonic()
+        new = election.result()[0]
+        wait_until(lambda: replicates_from(old, new), DEMOTION_BOUND + 30, f"{old} a replica of {new} after SIGCONT")
+        demoted["seconds"] = round(time.monotonic() - thawed, 1)
+
+    sent, refused, runs, held, unrecorded, exited = run_batch(
+        load,
+        lambda: load.publish("ha.record", TASKS, PER_SECOND, after=STOP_AFTER, action=fault),
+        lambda: election.result()[0],
+    )
+    new, seconds = election.result()
+    masters = [name for name in NODES if info(name).get("role") == "master"]
+    report = report_of(
+        sent,
+        refused,
+        runs,
+        unrecorded,
+        recovery_seconds=seconds,
+        frozen_seconds=FREEZE_SECONDS,
+        demoted_seconds_after_sigcont=demoted.get("seconds"),
+        held_until_aged=held,
+        workers_exited=exited,
+        faulted=old,
+        new_primary=new,
+    )
+    write_report(SCENARIO, "frozen", report)
+    assert masters == [new], report
+    assert demoted["seconds"] <= DEMOTION_BOUND, report
+    assert len(unrecorded) <= WORKERS and report["lost_not_replicated"] <= IN_FLIGHT_BOUND, report
+    wait_for_a_healthy_group()
+
+
+# --- (k) a primary cut off from its peers under a Celery task load ------------------------------------
+
+# Longer than the election and than min-replicas-max-lag, after which the cut-off primary refuses writes.
+PARTITION_SECONDS = 3 * MAX_LAG
+
+
+def lpush_calls(name):
+    """LPUSH (kombu's publish) calls the server ran, and those it refused (NOREPLICAS), so far."""
+    line = next(
+        line
+        for line in cli(name, "127.0.0.1", REDIS_PORT, "INFO commandstats", user="admin")
+        if line.startswith("cmdstat_lpush:")
+    )
+    fields = dict(field.split("=") for field in line.split(":", 1)[1].split(","))
+    return int(fields["calls"]), int(fields["rejected_calls"])
+
+
+def test_a_primary_cut_off_from_its_peers_stops_taking_writes_and_rejoins(load):
+    old = wait_for_a_healthy_group()
+    peers = [ip for name, ip in NODES.items() if name != old]
+    election = Election(old)
+    calls = {}
+
+    def fault():
+        calls["before"] = lpush_calls(old)
+        election.started = time.monotonic()
+        election.start()
+        with partitioned(old, peers):
+            time.sleep(PARTITION_SECONDS)
+            calls["cut off"] = lpush_calls(old)
+        healed = time.monotonic()
+        new = election.result()[0]
+        wait_until(lambda: replicates_from(old, new), DEMOTION_BOUND + 30, f"{old} a replica of {new} after the heal")
+        calls["rejoined_seconds_after_heal"] = round(time.monotonic() - healed, 1)
+
+    sent, refused, runs, held, unrecorded, exited = run_batch(
+        load,
+        # Published all through the partition, and a while after the heal.
+        lambda: load.publish(
+            "ha.record", PER_SECOND * (PARTITION_SECONDS + 15), PER_SECOND, after=STOP_AFTER, action=fault
+        ),
+        lambda: election.result()[0],
+    )
+    new, seconds = election.result()
+    pids = {name: main_pid(name) for name in NODES}
+    returncode, output, _, recap = ansible_playbook(PLAYBOOK, "--skip-tags", "cbk-base")
+    (ran, rejected), (ran_cut_off, rejected_cut_off) = calls["before"], calls["cut off"]
+    report = report_of(
+        sent,
+        refused,
+        runs,
+        unrecorded,
+        recovery_seconds=seconds,
+        partition_seconds=PARTITION_SECONDS,
+        acknowledged_by_the_cut_off_primary=ran_cut_off - ran,
+        refused_by_the_cut_off_primary=rejected_cut_off - rejected,
+        rejoined_seconds_after_heal=calls["rejoined_seconds_after_heal"],
+        held_until_aged=held,
+        workers_exited=exited,
+        converge_changed={name: changed for name, (changed, _) in recap.items()},
+        faulted=old,
+        new_primary=new,
+    )
+    write_report(SCENARIO, "partition", report)
+    assert returncode == 0, output[-6000:]
+    assert {name: main_pid(name) for name in NODES} == pids, "the converge after the partition restarted Redis"
+    assert [name for name in NODES if info(name).get("role") == "master"] == [new], report
+    # Only what the cut-off primary acknowledged before min-replicas-max-lag can be lost.
+    assert report["lost_not_replicated"] <= report["acknowledged_by_the_cut_off_primary"], report
+    assert len(unrecorded) <= WORKERS, report
+    wait_for_a_healthy_group()
