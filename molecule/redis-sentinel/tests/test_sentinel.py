@@ -467,29 +467,24 @@ def report_of(sent, refused, runs, unrecorded, **more):
     return report
 
 
-def primary_fault_under_load(load, act, count=TASKS, start_again=False):
-    """act(primary, election) after the STOP_AFTER-th publish of ``count``, while the load goes on (act
-    may block: the publisher runs on); the primary's container started again afterwards when
-    ``start_again``. Returns the report (report_of, with the election and the workers' fate) and the
-    tasks a worker popped but could not record."""
+def test_failover_under_a_celery_load_loses_only_tasks_popped_as_the_primary_went_down(load):
     old = wait_for_a_healthy_group()
     election = Election(old)
 
     def fault():
         election.started = time.monotonic()
         election.start()
-        act(old, election)
+        halt(old)
 
     try:
         sent, refused, runs, held, unrecorded, exited = run_batch(
             load,
-            lambda: load.publish("ha.record", count, PER_SECOND, after=STOP_AFTER, action=fault),
+            lambda: load.publish("ha.record", TASKS, PER_SECOND, after=STOP_AFTER, action=fault),
             lambda: election.result()[0],
         )
         new, seconds = election.result()
     finally:
-        if start_again:
-            subprocess.run(["docker", "start", old], check=True, capture_output=True)
+        subprocess.run(["docker", "start", old], check=True, capture_output=True)
     report = report_of(
         sent,
         refused,
@@ -501,13 +496,8 @@ def primary_fault_under_load(load, act, count=TASKS, start_again=False):
         faulted=old,
         new_primary=new,
     )
-    return report, unrecorded
-
-
-def test_failover_under_a_celery_load_loses_only_tasks_popped_as_the_primary_went_down(load):
-    report, unrecorded = primary_fault_under_load(load, lambda primary, _: halt(primary), start_again=True)
     write_report(SCENARIO, "halt", report)
-    assert not report["refused"], report
+    assert not refused, report
     # Kombu's Redis transport pops a message, then records it as unacked: a task popped from the
     # halted primary just before it went down is lost (ha_load logs it). That window holds at most
     # one message per worker's consumer connection; any other loss fails here.
@@ -587,11 +577,37 @@ UNREPLICATED_BOUND = PER_SECOND
 
 
 def test_a_power_cut_of_the_primary_under_a_celery_load_loses_at_most_its_last_second(load):
-    report, unrecorded = primary_fault_under_load(load, lambda primary, _: kill(primary), start_again=True)
+    old = wait_for_a_healthy_group()
+    election = Election(old)
+
+    def fault():
+        election.started = time.monotonic()
+        election.start()
+        kill(old)
+
+    try:
+        sent, refused, runs, held, unrecorded, exited = run_batch(
+            load,
+            lambda: load.publish("ha.record", TASKS, PER_SECOND, after=STOP_AFTER, action=fault),
+            lambda: election.result()[0],
+        )
+        new, seconds = election.result()
+    finally:
+        subprocess.run(["docker", "start", old], check=True, capture_output=True)
+    report = report_of(
+        sent,
+        refused,
+        runs,
+        unrecorded,
+        recovery_seconds=seconds,
+        held_until_aged=held,
+        workers_exited=exited,
+        faulted=old,
+        new_primary=new,
+    )
     write_report(SCENARIO, "kill", report)
-    old, new = report["faulted"], report["new_primary"]
     wait_until(lambda: replicates_from(old, new), 90, f"{old} back as a replica of {new}")
-    assert not report["refused"], report
+    assert not refused, report
     assert len(unrecorded) <= WORKERS and report["lost_not_replicated"] <= UNREPLICATED_BOUND, report
     assert report["ran_more_than_once"] <= WORKERS * CONCURRENCY * 2, report
     wait_for_a_healthy_group()
@@ -610,9 +626,13 @@ IN_FLIGHT_BOUND = 1
 
 
 def test_a_frozen_primary_comes_back_as_a_replica_without_a_split_brain(load):
+    old = wait_for_a_healthy_group()
+    election = Election(old)
     demoted = {}
 
-    def freeze(old, election):
+    def fault():
+        election.started = time.monotonic()
+        election.start()
         with frozen(old, "redis-server"):
             time.sleep(FREEZE_SECONDS)
         thawed = time.monotonic()
@@ -620,10 +640,26 @@ def test_a_frozen_primary_comes_back_as_a_replica_without_a_split_brain(load):
         wait_until(lambda: replicates_from(old, new), DEMOTION_BOUND + 30, f"{old} a replica of {new} after SIGCONT")
         demoted["seconds"] = round(time.monotonic() - thawed, 1)
 
-    report, unrecorded = primary_fault_under_load(load, freeze)
-    new = report["new_primary"]
+    sent, refused, runs, held, unrecorded, exited = run_batch(
+        load,
+        lambda: load.publish("ha.record", TASKS, PER_SECOND, after=STOP_AFTER, action=fault),
+        lambda: election.result()[0],
+    )
+    new, seconds = election.result()
     masters = [name for name in NODES if info(name).get("role") == "master"]
-    report.update(frozen_seconds=FREEZE_SECONDS, demoted_seconds_after_sigcont=demoted.get("seconds"))
+    report = report_of(
+        sent,
+        refused,
+        runs,
+        unrecorded,
+        recovery_seconds=seconds,
+        frozen_seconds=FREEZE_SECONDS,
+        demoted_seconds_after_sigcont=demoted.get("seconds"),
+        held_until_aged=held,
+        workers_exited=exited,
+        faulted=old,
+        new_primary=new,
+    )
     write_report(SCENARIO, "frozen", report)
     assert masters == [new], report
     assert demoted["seconds"] <= DEMOTION_BOUND, report
@@ -649,11 +685,16 @@ def lpush_calls(name):
 
 
 def test_a_primary_cut_off_from_its_peers_stops_taking_writes_and_rejoins(load):
+    old = wait_for_a_healthy_group()
+    peers = [ip for name, ip in NODES.items() if name != old]
+    election = Election(old)
     calls = {}
 
-    def cut_off(old, election):
+    def fault():
         calls["before"] = lpush_calls(old)
-        with partitioned(old, [ip for name, ip in NODES.items() if name != old]):
+        election.started = time.monotonic()
+        election.start()
+        with partitioned(old, peers):
             time.sleep(PARTITION_SECONDS)
             calls["cut off"] = lpush_calls(old)
         healed = time.monotonic()
@@ -661,18 +702,33 @@ def test_a_primary_cut_off_from_its_peers_stops_taking_writes_and_rejoins(load):
         wait_until(lambda: replicates_from(old, new), DEMOTION_BOUND + 30, f"{old} a replica of {new} after the heal")
         calls["rejoined_seconds_after_heal"] = round(time.monotonic() - healed, 1)
 
-    # Published all through the partition, and a while after the heal.
-    report, unrecorded = primary_fault_under_load(load, cut_off, count=PER_SECOND * (PARTITION_SECONDS + 15))
-    new = report["new_primary"]
+    sent, refused, runs, held, unrecorded, exited = run_batch(
+        load,
+        # Published all through the partition, and a while after the heal.
+        lambda: load.publish(
+            "ha.record", PER_SECOND * (PARTITION_SECONDS + 15), PER_SECOND, after=STOP_AFTER, action=fault
+        ),
+        lambda: election.result()[0],
+    )
+    new, seconds = election.result()
     pids = {name: main_pid(name) for name in NODES}
     returncode, output, _, recap = ansible_playbook(PLAYBOOK, "--skip-tags", "cbk-base")
     (ran, rejected), (ran_cut_off, rejected_cut_off) = calls["before"], calls["cut off"]
-    report.update(
+    report = report_of(
+        sent,
+        refused,
+        runs,
+        unrecorded,
+        recovery_seconds=seconds,
         partition_seconds=PARTITION_SECONDS,
         acknowledged_by_the_cut_off_primary=ran_cut_off - ran,
         refused_by_the_cut_off_primary=rejected_cut_off - rejected,
         rejoined_seconds_after_heal=calls["rejoined_seconds_after_heal"],
+        held_until_aged=held,
+        workers_exited=exited,
         converge_changed={name: changed for name, (changed, _) in recap.items()},
+        faulted=old,
+        new_primary=new,
     )
     write_report(SCENARIO, "partition", report)
     assert returncode == 0, output[-6000:]
