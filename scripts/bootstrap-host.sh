@@ -28,6 +28,10 @@ fi
 # There is no init system on these machines: start the daemon detached.
 if ! docker info >/dev/null 2>&1; then
   echo "bootstrap: starting dockerd"
+  # Pid files left by a machine image taken while docker ran name another process now: dockerd
+  # then waits for a containerd that never answers ("timeout waiting for containerd to start").
+  pgrep -x containerd >/dev/null || rm -f /var/run/docker/containerd/containerd.pid
+  pgrep -x dockerd >/dev/null || rm -f /var/run/docker.pid
   setsid dockerd >/var/log/dockerd.log 2>&1 </dev/null &
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || die "dockerd did not start, see /var/log/dockerd.log"

@@ -32,7 +32,7 @@ from cbk_testlib import (
     tcp_probe,
     wait_until,
 )
-from ha_testlib import CONCURRENCY, WORKERS, HALoad, frozen, halt, kill, partitioned, tally, write_report
+from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, frozen, halt, kill, partitioned, tally, write_report
 
 testinfra_hosts = ["ansible://rabbitmq"]
 
@@ -332,6 +332,23 @@ def whole_cluster(node):
     ) and all(sorted(queue["online"]) == sorted(NODES) for queue in queues(node).values() if queue["type"] == "quorum")
 
 
+def cluster_picture(node):
+    """What whole_cluster looks at, for a failure's message: each node's running nodes and remembered
+    partitions, and the quorum queues' online members as node sees them."""
+    picture = {}
+    for each in NODES:
+        try:
+            status = rabbitmqctl(each, "cluster_status")
+            picture[each] = {"running": sorted(status["running_nodes"]), "partitions": status["partitions"]}
+        except (subprocess.CalledProcessError, ValueError) as exc:
+            picture[each] = getattr(exc, "stderr", None) or repr(exc)
+    try:
+        picture["online"] = {name: sorted(queue["online"]) for name, queue in queues(node).items()}
+    except Exception as exc:  # noqa: BLE001 - a picture of a failure, whatever the API answers
+        picture["online"] = repr(exc)
+    return json.dumps(picture)
+
+
 def accepts_amqps(node):
     try:
         socket.create_connection((NODES[node], broker_port("rabbitmq", "tls")), timeout=3).close()
@@ -361,7 +378,11 @@ def under_load(load, fault, act, recover=lambda leader: None):
         new_leader = raft_leader(survivor, "celery")
     finally:
         recovery = recover(leader) or {}
-    wait_until(lambda: whole_cluster(survivor), 240, "all three nodes running, every quorum queue 3/3 online")
+    wait_until(
+        lambda: whole_cluster(survivor),
+        240,
+        lambda: f"all three nodes running, every quorum queue 3/3 online: {cluster_picture(survivor)}",
+    )
     report = {
         "node": leader,
         "fault_took_s": round(times["act_took"], 1),
@@ -435,6 +456,14 @@ def resume(node):
         wait_until(lambda: running(node), RESUME_SECONDS, f"{node} resumed after the heal", pause=2)
         return {"resumed": "by itself", "resumed_after_heal_s": round(time.monotonic() - healed, 1)}
     except AssertionError:
+        # What the node logged while it hung, for the report's reader.
+        log = subprocess.run(
+            ["docker", "exec", container(node), "sh", "-c", "tail -n 40 /var/log/rabbitmq/rabbit@*.log"],
+            check=False,
+            capture_output=True,
+            text=True,
+        ).stdout
+        (REPO / "artifacts" / "ha" / "rabbitmq-cluster-partition-hang.log").write_text(log)
         subprocess.run(["docker", "exec", container(node), "systemctl", "restart", "rabbitmq-server"], check=True)
         return {
             "resumed": "after a restart of its service",

@@ -22,6 +22,7 @@ from cbk_testlib import (
     ansible_playbook,
     broker_entry,
     broker_port,
+    changed_tasks,
     docker_host,
     packet_capture,
     platform_addresses,
@@ -732,7 +733,9 @@ def test_a_primary_cut_off_from_its_peers_stops_taking_writes_and_rejoins(load):
     )
     write_report(SCENARIO, "partition", report)
     assert returncode == 0, output[-6000:]
-    assert {name: main_pid(name) for name in NODES} == pids, "the converge after the partition restarted Redis"
+    assert {name: main_pid(name) for name in NODES} == pids, (
+        f"the converge after the partition restarted Redis: {changed_tasks(output)}"
+    )
     assert [name for name in NODES if info(name).get("role") == "master"] == [new], report
     # Only what the cut-off primary acknowledged before min-replicas-max-lag can be lost.
     assert report["lost_not_replicated"] <= report["acknowledged_by_the_cut_off_primary"], report
