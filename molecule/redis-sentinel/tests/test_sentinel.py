@@ -468,24 +468,29 @@ def report_of(sent, refused, runs, unrecorded, **more):
     return report
 
 
-def test_failover_under_a_celery_load_loses_only_tasks_popped_as_the_primary_went_down(load):
+def primary_fault_under_load(load, act, count=TASKS, start_again=False):
+    """act(primary, election) after the STOP_AFTER-th publish of ``count``, while the load goes on (act
+    may block: the publisher runs on); the primary's container started again afterwards when
+    ``start_again``. Returns the report (report_of, with the election and the workers' fate) and the
+    tasks a worker popped but could not record."""
     old = wait_for_a_healthy_group()
     election = Election(old)
 
     def fault():
         election.started = time.monotonic()
         election.start()
-        halt(old)
+        act(old, election)
 
     try:
         sent, refused, runs, held, unrecorded, exited = run_batch(
             load,
-            lambda: load.publish("ha.record", TASKS, PER_SECOND, after=STOP_AFTER, action=fault),
+            lambda: load.publish("ha.record", count, PER_SECOND, after=STOP_AFTER, action=fault),
             lambda: election.result()[0],
         )
         new, seconds = election.result()
     finally:
-        subprocess.run(["docker", "start", old], check=True, capture_output=True)
+        if start_again:
+            subprocess.run(["docker", "start", old], check=True, capture_output=True)
     report = report_of(
         sent,
         refused,
@@ -497,8 +502,13 @@ def test_failover_under_a_celery_load_loses_only_tasks_popped_as_the_primary_wen
         faulted=old,
         new_primary=new,
     )
+    return report, unrecorded
+
+
+def test_failover_under_a_celery_load_loses_only_tasks_popped_as_the_primary_went_down(load):
+    report, unrecorded = primary_fault_under_load(load, lambda primary, _: halt(primary), start_again=True)
     write_report(SCENARIO, "halt", report)
-    assert not refused, report
+    assert not report["refused"], report
     # Kombu's Redis transport pops a message, then records it as unacked: a task popped from the
     # halted primary just before it went down is lost (ha_load logs it). That window holds at most
     # one message per worker's consumer connection; any other loss fails here.
@@ -578,37 +588,11 @@ UNREPLICATED_BOUND = PER_SECOND
 
 
 def test_a_power_cut_of_the_primary_under_a_celery_load_loses_at_most_its_last_second(load):
-    old = wait_for_a_healthy_group()
-    election = Election(old)
-
-    def fault():
-        election.started = time.monotonic()
-        election.start()
-        kill(old)
-
-    try:
-        sent, refused, runs, held, unrecorded, exited = run_batch(
-            load,
-            lambda: load.publish("ha.record", TASKS, PER_SECOND, after=STOP_AFTER, action=fault),
-            lambda: election.result()[0],
-        )
-        new, seconds = election.result()
-    finally:
-        subprocess.run(["docker", "start", old], check=True, capture_output=True)
-    report = report_of(
-        sent,
-        refused,
-        runs,
-        unrecorded,
-        recovery_seconds=seconds,
-        held_until_aged=held,
-        workers_exited=exited,
-        faulted=old,
-        new_primary=new,
-    )
+    report, unrecorded = primary_fault_under_load(load, lambda primary, _: kill(primary), start_again=True)
     write_report(SCENARIO, "kill", report)
+    old, new = report["faulted"], report["new_primary"]
     wait_until(lambda: replicates_from(old, new), 90, f"{old} back as a replica of {new}")
-    assert not refused, report
+    assert not report["refused"], report
     assert len(unrecorded) <= WORKERS and report["lost_not_replicated"] <= UNREPLICATED_BOUND, report
     assert report["ran_more_than_once"] <= WORKERS * CONCURRENCY * 2, report
     wait_for_a_healthy_group()
@@ -627,13 +611,9 @@ IN_FLIGHT_BOUND = 1
 
 
 def test_a_frozen_primary_comes_back_as_a_replica_without_a_split_brain(load):
-    old = wait_for_a_healthy_group()
-    election = Election(old)
     demoted = {}
 
-    def fault():
-        election.started = time.monotonic()
-        election.start()
+    def freeze(old, election):
         with frozen(old, "redis-server"):
             time.sleep(FREEZE_SECONDS)
         thawed = time.monotonic()
@@ -641,26 +621,10 @@ def test_a_frozen_primary_comes_back_as_a_replica_without_a_split_brain(load):
         wait_until(lambda: replicates_from(old, new), DEMOTION_BOUND + 30, f"{old} a replica of {new} after SIGCONT")
         demoted["seconds"] = round(time.monotonic() - thawed, 1)
 
-    sent, refused, runs, held, unrecorded, exited = run_batch(
-        load,
-        lambda: load.publish("ha.record", TASKS, PER_SECOND, after=STOP_AFTER, action=fault),
-        lambda: election.result()[0],
-    )
-    new, seconds = election.result()
+    report, unrecorded = primary_fault_under_load(load, freeze)
+    new = report["new_primary"]
     masters = [name for name in NODES if info(name).get("role") == "master"]
-    report = report_of(
-        sent,
-        refused,
-        runs,
-        unrecorded,
-        recovery_seconds=seconds,
-        frozen_seconds=FREEZE_SECONDS,
-        demoted_seconds_after_sigcont=demoted.get("seconds"),
-        held_until_aged=held,
-        workers_exited=exited,
-        faulted=old,
-        new_primary=new,
-    )
+    report.update(frozen_seconds=FREEZE_SECONDS, demoted_seconds_after_sigcont=demoted.get("seconds"))
     write_report(SCENARIO, "frozen", report)
     assert masters == [new], report
     assert demoted["seconds"] <= DEMOTION_BOUND, report
@@ -686,16 +650,11 @@ def lpush_calls(name):
 
 
 def test_a_primary_cut_off_from_its_peers_stops_taking_writes_and_rejoins(load):
-    old = wait_for_a_healthy_group()
-    peers = [ip for name, ip in NODES.items() if name != old]
-    election = Election(old)
     calls = {}
 
-    def fault():
+    def cut_off(old, election):
         calls["before"] = lpush_calls(old)
-        election.started = time.monotonic()
-        election.start()
-        with partitioned(old, peers):
+        with partitioned(old, [ip for name, ip in NODES.items() if name != old]):
             time.sleep(PARTITION_SECONDS)
             calls["cut off"] = lpush_calls(old)
         healed = time.monotonic()
@@ -703,33 +662,18 @@ def test_a_primary_cut_off_from_its_peers_stops_taking_writes_and_rejoins(load):
         wait_until(lambda: replicates_from(old, new), DEMOTION_BOUND + 30, f"{old} a replica of {new} after the heal")
         calls["rejoined_seconds_after_heal"] = round(time.monotonic() - healed, 1)
 
-    sent, refused, runs, held, unrecorded, exited = run_batch(
-        load,
-        # Published all through the partition, and a while after the heal.
-        lambda: load.publish(
-            "ha.record", PER_SECOND * (PARTITION_SECONDS + 15), PER_SECOND, after=STOP_AFTER, action=fault
-        ),
-        lambda: election.result()[0],
-    )
-    new, seconds = election.result()
+    # Published all through the partition, and a while after the heal.
+    report, unrecorded = primary_fault_under_load(load, cut_off, count=PER_SECOND * (PARTITION_SECONDS + 15))
+    new = report["new_primary"]
     pids = {name: main_pid(name) for name in NODES}
     returncode, output, _, recap = ansible_playbook(PLAYBOOK, "--skip-tags", "cbk-base")
     (ran, rejected), (ran_cut_off, rejected_cut_off) = calls["before"], calls["cut off"]
-    report = report_of(
-        sent,
-        refused,
-        runs,
-        unrecorded,
-        recovery_seconds=seconds,
+    report.update(
         partition_seconds=PARTITION_SECONDS,
         acknowledged_by_the_cut_off_primary=ran_cut_off - ran,
         refused_by_the_cut_off_primary=rejected_cut_off - rejected,
         rejoined_seconds_after_heal=calls["rejoined_seconds_after_heal"],
-        held_until_aged=held,
-        workers_exited=exited,
         converge_changed={name: changed for name, (changed, _) in recap.items()},
-        faulted=old,
-        new_primary=new,
     )
     write_report(SCENARIO, "partition", report)
     assert returncode == 0, output[-6000:]
