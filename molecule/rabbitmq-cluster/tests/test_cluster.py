@@ -32,7 +32,7 @@ from cbk_testlib import (
     tcp_probe,
     wait_until,
 )
-from ha_testlib import CONCURRENCY, REPO, WORKERS, HALoad, frozen, halt, kill, partitioned, tally, write_report
+from ha_testlib import CONCURRENCY, WORKERS, HALoad, frozen, halt, kill, partitioned, tally, write_report
 
 testinfra_hosts = ["ansible://rabbitmq"]
 
@@ -58,7 +58,7 @@ def rabbitmqctl(node, *args):
 
 def api(node, path, body=None):
     """A call to a node's HTTP API as the administrator, with a JSON body (POST) or none (GET):
-    rabbitmqctl list_queues hangs on this 3.10 cluster when not --local."""
+    rabbitmqctl list_queues hung on a 3.10 cluster when not --local."""
     response = http_request(
         docker_host(container(node)),
         f"http://127.0.0.1:{MANAGEMENT_PORT}/api/{path}",
@@ -170,7 +170,7 @@ def converge(*args):
 
 def test_changing_the_distribution_kind_of_the_running_cluster_is_refused():
     """Before any change: a node restarted with plain distribution could not rejoin its TLS peers."""
-    returncode, _, output, _ = converge("-e", "rabbitmq_erlang_dist_tls=false")
+    returncode, _, output, _ = converge("--skip-tags", "cbk-base", "-e", "rabbitmq_erlang_dist_tls=false")
     assert returncode != 0 and "rabbitmq_erlang_dist_tls is false, but the running node" in output, output[-3000:]
     for node in NODES:
         subprocess.run(
@@ -325,8 +325,9 @@ def load(tmp_path_factory):
 
 def whole_cluster(node):
     """Every node running in one cluster and none remembering a partition (the role's verify step
-    refuses either), and every quorum queue's members all online, as node sees them."""
-    statuses = [rabbitmqctl(each, "cluster_status") for each in NODES]
+    refuses either), and every quorum queue's members all online, as node sees them. Asks node
+    first and stops at the first no: each rabbitmqctl starts an Erlang VM, on a busy machine."""
+    statuses = (rabbitmqctl(each, "cluster_status") for each in sorted(NODES, key=lambda each: each != node))
     return all(
         sorted(status["running_nodes"]) == sorted(NODES) and not status["partitions"] for status in statuses
     ) and all(sorted(queue["online"]) == sorted(NODES) for queue in queues(node).values() if queue["type"] == "quorum")
@@ -382,6 +383,7 @@ def under_load(load, fault, act, recover=lambda leader: None):
         lambda: whole_cluster(survivor),
         240,
         lambda: f"all three nodes running, every quorum queue 3/3 online: {cluster_picture(survivor)}",
+        pause=3,
     )
     report = {
         "node": leader,
@@ -448,27 +450,13 @@ def running(node):
 
 
 def resume(node):
-    """The paused node's return after the heal, or the operator's step when it does not come: RabbitMQ
-    3.10 sometimes hangs in that boot (seen in 1 run of 4: Mnesia up, the rabbit app "booting" for
-    minutes, until its service was restarted). Reported, so the README's table says which it was."""
+    """The paused node's return after the heal, by itself: pause_minority starts its rabbit app again
+    once it sees the majority. (RabbitMQ 3.10.8, Debian 12's, hung in that boot in 3 runs of 6 until
+    its service was restarted: rabbitmq-server#6034, fixed in later 3.10 releases; this scenario runs
+    Debian 13's 4.0.5.)"""
     healed = time.monotonic()
-    try:
-        wait_until(lambda: running(node), RESUME_SECONDS, f"{node} resumed after the heal", pause=2)
-        return {"resumed": "by itself", "resumed_after_heal_s": round(time.monotonic() - healed, 1)}
-    except AssertionError:
-        # What the node logged while it hung, for the report's reader.
-        log = subprocess.run(
-            ["docker", "exec", container(node), "sh", "-c", "tail -n 40 /var/log/rabbitmq/rabbit@*.log"],
-            check=False,
-            capture_output=True,
-            text=True,
-        ).stdout
-        (REPO / "artifacts" / "ha" / "rabbitmq-cluster-partition-hang.log").write_text(log)
-        subprocess.run(["docker", "exec", container(node), "systemctl", "restart", "rabbitmq-server"], check=True)
-        return {
-            "resumed": "after a restart of its service",
-            "resumed_after_heal_s": round(time.monotonic() - healed, 1),
-        }
+    wait_until(lambda: running(node), RESUME_SECONDS, f"{node} resumed by itself after the heal", pause=2)
+    return {"resumed_after_heal_s": round(time.monotonic() - healed, 1)}
 
 
 def test_a_partitioned_node_pauses_and_the_cluster_heals(load):
