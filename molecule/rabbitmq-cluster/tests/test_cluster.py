@@ -451,7 +451,7 @@ def running(node):
 
 def resume(node):
     """The paused node's return after the heal, by itself: pause_minority starts its rabbit app again
-    once it sees the majority. (RabbitMQ 3.10.8, Debian 12's, hung in that boot in 3 runs of 6 until
+    once it sees the majority. (RabbitMQ 3.10.8, Debian 12's, hung in that boot in 4 runs of 7 until
     its service was restarted: rabbitmq-server#6034, fixed in later 3.10 releases; this scenario runs
     Debian 13's 4.0.5.)"""
     healed = time.monotonic()
