@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 LOGS=artifacts/test-logs
 JOBS=${CBK_TEST_JOBS:-3}
 HA_SCENARIOS=(rabbitmq-cluster redis-sentinel)
-LONGEST_FIRST=(e2e-rabbitmq switch rabbitmq-cluster postgresql celery_worker redis-sentinel redis django_app rabbitmq collection base mail_sink)
+LONGEST_FIRST=(e2e-rabbitmq switch rabbitmq-cluster redis-sentinel postgresql celery_worker redis django_app rabbitmq collection base mail_sink)
 mode=${1:-all}
 shift || true
 scenarios=("$@")
