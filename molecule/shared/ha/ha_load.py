@@ -82,7 +82,8 @@ def publish(task, count, per_second):
             print(json.dumps({"sent": app.send_task(task).id}), flush=True)
         except Exception as exc:  # noqa: BLE001 - a refused publish is a result to report, not a crash
             # When (UTC, as the brokers log), and the error kombu's wraps: to be read beside their logs.
-            at = time.strftime("%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}"
+            now = time.time()
+            at = time.strftime("%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}"
             print(json.dumps({"refused": f"{at} {exc!r} from {exc.__context__!r}"}), flush=True)
         time.sleep(1 / per_second)
 

@@ -35,8 +35,8 @@ RESULTS = Path(os.environ["MOLECULE_PROJECT_DIRECTORY"]) / "artifacts" / "monito
 QUEUE = "email"
 WORKER_UNIT = f"celery-worker@{QUEUE}"
 # The rules' own waits (files/cbk-alerts.rules.yml: for 1m and 5m), a scrape and an evaluation,
-# Alertmanager's group_wait and group_interval (at the role's defaults: 15 s, 15 s, 30 s, 1 m;
-# the scenario's are shorter), and room.
+# Alertmanager's group_wait and group_interval, all at the monitoring role's defaults (the
+# scenario's are shorter), and room.
 FIRING_SECONDS = {"CeleryQueueNoConsumer": 60 + 180, "CeleryBacklogNotDraining": 300 + 180}
 RESOLVED_SECONDS = 240
 DELIVERY_SECONDS = 240
