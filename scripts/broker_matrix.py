@@ -120,7 +120,7 @@ def main():
             "Publishing through a broker restart",
             Results.publishing_through_restart,
             "test_faults.py::test_broker_restart_while_publishing",
-            "Celery's default publish retry (0.6 s) is shorter than a RabbitMQ restart: the kit retries about 20 s "
+            "Celery's default publish retry (0.6 s) is shorter than a RabbitMQ restart: the kit retries about 25 s "
             "and a beat task re-sends welcome emails still owed after 2 minutes.",
         ),
         row(

@@ -31,8 +31,10 @@ TASK_ROUTES = {
 TASK_TIME_LIMIT = 300
 MAX_COUNTDOWN = 600
 VISIBILITY_TIMEOUT = 3600
-# Seconds between publish retries grow by 0.5 up to 1: about 20 s in all, within gunicorn's 30 s timeout.
-PUBLISH_RETRY_POLICY = {"max_retries": 22, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
+# Seconds between publish retries grow by 0.5 up to 1: about 25 s in all, within gunicorn's 30 s timeout.
+# Long enough for a RabbitMQ restart, and for a Sentinel failover whose first election split (the
+# redis role bounds it: redis_sentinel_down_after_ms + 2 * redis_sentinel_failover_timeout_ms).
+PUBLISH_RETRY_POLICY = {"max_retries": 27, "interval_start": 0, "interval_step": 0.5, "interval_max": 1}
 
 # Seconds after a signup when a welcome email still not sent is enqueued again, and how
 # often beat looks for such emails: longer than the publish retries and a normal delivery.

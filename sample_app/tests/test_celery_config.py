@@ -91,7 +91,7 @@ def test_common_reliability_settings(url):
     assert config["task_reject_on_worker_lost"] is True
     assert config["worker_prefetch_multiplier"] == 1
     assert config["broker_connection_retry_on_startup"] is True
-    assert config["task_publish_retry_policy"]["max_retries"] >= 20
+    assert config["task_publish_retry_policy"]["max_retries"] >= 25
     assert (
         config["beat_schedule"]["resend-pending-welcome-emails"]["task"] == "users.tasks.resend_pending_welcome_emails"
     )
