@@ -368,14 +368,14 @@ def under_load(load, fault, act, recover=lambda leader: None):
     """The fault on the node leading the task queue, under the Celery load: act(leader) after the
     STOP_AFTER-th publish (the publisher goes on meanwhile), recover(leader) once the tasks ran, then
     the cluster whole again. Writes and returns the report: the tally, the leader the survivors elected
-    and when, and when the cluster was whole again (from the fault)."""
+    and when, when the cluster was whole again (from the fault), and what act and recover returned."""
     leader = queues(next(iter(NODES)))["celery"]["leader"]
     survivor = next(node for node in NODES if node != leader)
-    times = {}
+    times, observed = {}, {}
 
     def fault_then_watch():
         times["fault"] = time.monotonic()
-        act(leader)
+        observed.update(act(leader) or {})
         times["act_took"] = time.monotonic() - times["fault"]
 
     since = time.time()
@@ -396,6 +396,7 @@ def under_load(load, fault, act, recover=lambda leader: None):
         "fault_took_s": round(times["act_took"], 1),
         "leader_after": new_leader,
         "whole_again_after_s": round(time.monotonic() - times["fault"], 1),
+        **observed,
         **recovery,
         **tally(sent, refused, runs),
     }
@@ -470,8 +471,6 @@ def test_a_partitioned_node_pauses_and_the_cluster_heals(load):
     it serving once it sees it is alone (net_ticktime), its clients move to the majority, which
     elected a new leader; after the partition heals, the node rejoins (resume())."""
 
-    cut_off = {}
-
     def partition(leader):
         peers = [ip for node, ip in NODES.items() if node != leader]
         with partitioned(container(leader), peers):
@@ -479,11 +478,9 @@ def test_a_partitioned_node_pauses_and_the_cluster_heals(load):
             wait_until(lambda: not accepts_amqps(leader), 150, f"{leader} paused, its AMQPS listener closed")
             # Read before the heal: the majority's leader while the node is away.
             survivor = next(node for node in NODES if node != leader)
-            cut_off["leader_while_cut_off"] = raft_leader(survivor, "celery")
+            return {"leader_while_cut_off": raft_leader(survivor, "celery")}
 
     report = under_load(load, "partition", partition, recover=resume)
-    report.update(cut_off)
-    write_report("rabbitmq-cluster", "partition", report)
     assert report["leader_while_cut_off"] not in (None, report["node"]), report
     status = rabbitmqctl(report["node"], "cluster_status")
     assert not status["partitions"], status
