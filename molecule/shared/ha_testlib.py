@@ -71,14 +71,21 @@ class HALoad:
         for worker in self.workers:
             worker.wait(timeout=60)
 
-    def publish(self, task, count, per_second, after=None, action=None):
-        """Publish ``count`` tasks; run ``action()`` once ``after`` of them were sent. Returns (sent, refused)."""
+    def publish(self, task, count, per_second, after=None, action=None, env=None, seconds=None):
+        """Publish ``count`` tasks; run ``action()`` once ``after`` of them were sent. Returns (sent, refused).
+        ``env`` overrides the settings' variables for this publisher; ``seconds``, a list, gets how long
+        each publish sent took."""
         command = [str(PYTHON), "-m", "ha_load", task, str(count), str(per_second)]
-        publisher = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, text=True)
+        publisher = subprocess.Popen(command, env={**self.env, **(env or {})}, stdout=subprocess.PIPE, text=True)
         sent, refused = [], []
         for line in publisher.stdout:
             outcome = json.loads(line)
-            sent.append(outcome["sent"]) if "sent" in outcome else refused.append(outcome["refused"])
+            if "sent" in outcome:
+                sent.append(outcome["sent"])
+                if seconds is not None:
+                    seconds.append(outcome["seconds"])
+            else:
+                refused.append(outcome["refused"])
             if action and len(sent) + len(refused) == after:
                 action()
         publisher.wait(timeout=60)
@@ -139,11 +146,10 @@ def frozen(container, process):
 FAULT_TABLE = "cbk_fault"
 
 
-@contextmanager
-def partitioned(container, peers):
+def cut_off(container, peers):
     """The node cut off from the ``peers`` addresses both ways, its other links (clients) kept: a table
     of its own, ahead of the kit's firewall (which a converge replaces whole, leaving other tables be).
-    Deleted on leaving: the partition heals."""
+    It stays until deleted, or until the node's network goes with it (kill)."""
     addresses = ", ".join(peers)
     rules = (
         f"table inet {FAULT_TABLE} {{\n"
@@ -152,6 +158,12 @@ def partitioned(container, peers):
         "}\n"
     )
     subprocess.run(["docker", "exec", "-i", container, "nft", "-f", "-"], input=rules, text=True, check=True)
+
+
+@contextmanager
+def partitioned(container, peers):
+    """cut_off while in the context; deleted on leaving: the partition heals."""
+    cut_off(container, peers)
     try:
         yield
     finally:

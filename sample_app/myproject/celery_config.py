@@ -10,9 +10,13 @@ import threading
 from urllib.parse import urlsplit
 
 import celery
+import redis
 from celery import bootsteps
 from celery.concurrency.thread import TaskPool as ThreadsPool
 from kombu import Exchange, Queue
+from kombu.transport import TRANSPORT_ALIASES
+from kombu.transport.redis import SentinelChannel, SentinelTransport
+from kombu.utils.json import dumps
 
 # sentinel:// URLs name Redis Sentinels, which tell kombu where the current Redis primary is.
 REDIS_SCHEMES = {"redis", "rediss", "sentinel"}
@@ -59,6 +63,10 @@ SENTINEL_SOCKET_TIMEOUT = 2
 # a bound, a connect made before the Sentinels elect another waits minutes for TCP to give up, and the
 # publish with it, instead of asking them again.
 PRIMARY_CONNECT_TIMEOUT = 2
+# Milliseconds a publish waits for CELERY_REDIS_WAIT_REPLICAS replicas to confirm it. They answer
+# the primary at once on a LAN; none answering within this is a failover's case, and the publish
+# is tried again (PUBLISH_RETRY_POLICY) on the primary the Sentinels name then.
+REDIS_WAIT_TIMEOUT_MS = 1000
 # TLS to Redis (rediss://, or Sentinels that serve TLS): verify the server's certificate against the
 # system's trust store, and its name; kombu otherwise falls back to CERT_NONE for rediss://.
 REDIS_TLS = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
@@ -131,6 +139,43 @@ class PublishTaskEventsUnbuffered(bootsteps.StartStopStep):
         consumer.event_dispatcher.buffer_group = frozenset()
 
 
+class NotReplicated(redis.exceptions.ConnectionError):
+    """Fewer replicas than asked confirmed a publish in time. A connection error, so that kombu asks
+    the Sentinels for the primary again and publishes again, as after a lost connection."""
+
+
+class ReplicatedSentinelChannel(SentinelChannel):
+    """kombu's Sentinel channel, whose publish, with the transport option ``wait_replicas``, counts only
+    once that many replicas have it (Redis WAIT, sent with the LPUSH in one round trip). Replication
+    is asynchronous: without it, a primary that loses power may take the last second's acknowledged
+    publishes with it. A publish retried this way may reach the queue twice; the tasks are idempotent."""
+
+    from_transport_options = (*SentinelChannel.from_transport_options, "wait_replicas")
+    wait_replicas = 0
+
+    def _put(self, queue, message, **kwargs):
+        if not self.wait_replicas:
+            return super()._put(queue, message, **kwargs)
+        priority = self._get_message_priority(message, reverse=False)
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            pipe.lpush(self._q_for_pri(queue, priority), dumps(message))
+            pipe.execute_command("WAIT", self.wait_replicas, REDIS_WAIT_TIMEOUT_MS)
+            _, replicas = pipe.execute()
+        if replicas < self.wait_replicas:
+            raise NotReplicated(f"{replicas} of {self.wait_replicas} replicas confirmed the publish to {queue!r}")
+
+
+class ReplicatedSentinelTransport(SentinelTransport):
+    Channel = ReplicatedSentinelChannel
+
+
+# The sentinel:// scheme names it, not the broker_transport setting: kombu takes the transport from
+# the next URL's scheme when it fails over to it (Connection.switch), and would lose the setting.
+# Without wait_replicas it is kombu's own.
+TRANSPORT_ALIASES["sentinel"] = lambda: ReplicatedSentinelTransport
+
+
 def dead_letter_queue(quorum_queues=False):
     """Return the queue that the task queues dead-letter to, of the same type as they are.
 
@@ -174,12 +219,15 @@ def sentinel_settings(env):
     """The ``sentinel`` argument of build_celery_config from the CELERY_REDIS_SENTINEL_* variables
     of ``env`` (a mapping: os.environ, or an environment file's), or None without a master name."""
     if not env.get("CELERY_REDIS_SENTINEL_MASTER"):
+        if env.get("CELERY_REDIS_WAIT_REPLICAS", "0") not in {"", "0"}:
+            raise ValueError("CELERY_REDIS_WAIT_REPLICAS needs Redis Sentinel: set CELERY_REDIS_SENTINEL_MASTER.")
         return None
     return {
         "master_name": env["CELERY_REDIS_SENTINEL_MASTER"],
         "username": env.get("CELERY_REDIS_SENTINEL_USER") or None,
         "password": env.get("CELERY_REDIS_SENTINEL_PASSWORD") or None,
         "tls": env.get("CELERY_REDIS_SENTINEL_TLS", "").strip().lower() in {"1", "true", "yes", "on"},
+        "wait_replicas": int(env.get("CELERY_REDIS_WAIT_REPLICAS") or 0),
     }
 
 
@@ -192,7 +240,8 @@ def build_celery_config(
     ``sentinel`` is required by ``sentinel://`` broker and result backend URLs: ``{"master_name": ...,
     "username": ..., "password": ..., "tls": ...}``, the name the Sentinels monitor the Redis primary under,
     the account the app logs in to the Sentinels with (username and password may be None: no Sentinel auth),
-    and whether the Sentinels and Redis servers serve TLS only (optional, default False).
+    and whether the Sentinels and Redis servers serve TLS only (optional, default False), and how many
+    replicas must have a publish before it counts (``wait_replicas``, optional, default 0: none).
     The user and password of the URLs are those of the Redis servers.
     ``rabbitmq_tls_name`` is the name every node of a RabbitMQ cluster's certificate carries, which
     a list of ``amqps://`` URLs needs (see _amqps_options); None checks each URL's own host.
@@ -243,6 +292,8 @@ def build_celery_config(
             config[options] = {**config.get(options, {}), **_sentinel_options(sentinel)}
     if broker_scheme(broker_url) == "sentinel":
         config["broker_transport_options"]["socket_connect_timeout"] = PRIMARY_CONNECT_TIMEOUT
+        if wait_replicas := sentinel.get("wait_replicas"):
+            config["broker_transport_options"]["wait_replicas"] = wait_replicas
     if result_backend and broker_scheme(result_backend) == "sentinel":
         config["redis_socket_connect_timeout"] = PRIMARY_CONNECT_TIMEOUT
     if (sentinel or {}).get("tls"):

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import ssl
 import threading
@@ -12,6 +13,7 @@ from celery.concurrency.thread import TaskPool as ThreadsPool
 from celery.events import EventDispatcher
 from kombu import Connection, Queue
 from kombu.asynchronous import Hub
+from kombu.transport.redis import SentinelChannel
 
 from myproject.celery import DeclareDeadLetterQueue, app, keep_failed_task_on_redis
 from myproject.celery_config import (
@@ -20,11 +22,15 @@ from myproject.celery_config import (
     PRIMARY_CONNECT_TIMEOUT,
     QUEUE_NAMES,
     REDIS_DEAD_LETTERS_KEPT,
+    REDIS_WAIT_TIMEOUT_MS,
     SENTINEL_SOCKET_TIMEOUT,
     TASK_TIME_LIMIT,
     VISIBILITY_TIMEOUT,
+    NotReplicated,
     PromptAcks,
     PublishTaskEventsUnbuffered,
+    ReplicatedSentinelChannel,
+    ReplicatedSentinelTransport,
     broker_name,
     build_celery_config,
     build_hybrid_celery_config,
@@ -333,8 +339,81 @@ def test_sentinel_settings_from_an_environment():
         "CELERY_REDIS_SENTINEL_PASSWORD": "sentinel-secret",
         "CELERY_REDIS_SENTINEL_TLS": "true",
     }
-    assert sentinel_settings(env) == {**SENTINEL, "tls": True}
+    assert sentinel_settings(env) == {**SENTINEL, "tls": True, "wait_replicas": 0}
     assert sentinel_settings({**env, "CELERY_REDIS_SENTINEL_TLS": ""})["tls"] is False
+    assert sentinel_settings({**env, "CELERY_REDIS_WAIT_REPLICAS": "1"})["wait_replicas"] == 1
+    with pytest.raises(ValueError, match="CELERY_REDIS_WAIT_REPLICAS needs Redis Sentinel"):
+        sentinel_settings({"CELERY_REDIS_WAIT_REPLICAS": "1"})
+
+
+def test_without_wait_replicas_no_publish_waits():
+    config = build_celery_config(SENTINEL_URLS, sentinel={**SENTINEL, "wait_replicas": 0})
+    assert "wait_replicas" not in config["broker_transport_options"]
+
+
+def test_wait_replicas_publishes_through_the_replicated_sentinel_channel_after_a_failover_too():
+    config = build_celery_config(SENTINEL_URLS, sentinel={**SENTINEL, "wait_replicas": 2})
+    app = Celery(set_as_current=False)
+    app.config_from_object(config)
+    connection = app.connection_for_write()
+    # What Celery connects with: the channel class, and the option it reads (no connection made);
+    # the same after kombu fails over to the next URL, which it parses anew.
+    for _url in SENTINEL_URLS.split(";"):
+        assert connection.transport.Channel is ReplicatedSentinelChannel
+        assert connection.transport_options["wait_replicas"] == 2
+        connection.maybe_switch_next()
+
+
+class FakePipeline:
+    def __init__(self, replicas):
+        self.replicas, self.commands = replicas, []
+
+    def lpush(self, key, value):
+        self.commands.append(("LPUSH", key, value))
+
+    def execute_command(self, *command):
+        self.commands.append(command)
+
+    def execute(self):
+        return [1, self.replicas]
+
+
+def put_through_replicated_channel(replicas, wait_replicas=1):
+    """ReplicatedSentinelChannel._put on a client whose WAIT answers ``replicas``; returns the commands
+    it sent, in one round trip (one pipeline, not a transaction), or raises."""
+    pipeline = FakePipeline(replicas)
+    client = SimpleNamespace(pipeline=lambda transaction: transaction is False and pipeline)
+    # A channel with no connection: what _put reads of it, set on the instance.
+    channel = object.__new__(ReplicatedSentinelChannel)
+    vars(channel).update(
+        wait_replicas=wait_replicas,
+        _get_message_priority=lambda message, reverse: 5,
+        _q_for_pri=lambda queue, priority: f"{queue}\x06\x16{priority}",
+        conn_or_acquire=lambda: contextlib.nullcontext(client),
+    )
+    channel._put("celery", {"body": "task"})
+    return pipeline.commands
+
+
+def test_a_publish_counts_once_the_replicas_confirm_it():
+    commands = put_through_replicated_channel(replicas=1)
+    assert commands == [("LPUSH", "celery\x06\x165", '{"body": "task"}'), ("WAIT", 1, REDIS_WAIT_TIMEOUT_MS)]
+    assert put_through_replicated_channel(replicas=2, wait_replicas=2)
+
+
+def test_without_wait_replicas_a_publish_is_kombus_own(monkeypatch):
+    puts = []
+    monkeypatch.setattr(SentinelChannel, "_put", lambda channel, queue, message, **kwargs: puts.append(queue))
+    assert put_through_replicated_channel(replicas=0, wait_replicas=0) == []
+    assert puts == ["celery"]
+
+
+def test_a_publish_fewer_replicas_confirmed_is_a_connection_error_kombu_retries():
+    with pytest.raises(NotReplicated, match="0 of 1 replicas") as error:
+        put_through_replicated_channel(replicas=0)
+    # Retried by kombu's ensure() (the publish retry policy) as a lost connection is.
+    connection = Connection(SENTINEL_URLS, transport=ReplicatedSentinelTransport)
+    assert isinstance(error.value, connection.recoverable_connection_errors)
 
 
 def test_prompt_acks_wakes_the_event_loop_when_a_pool_thread_hands_it_work():

@@ -240,6 +240,14 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     assert result.returncode != 0
     assert f"django_app_env_file is {moved}, but" in " ".join(result.stdout.split()), result.stdout[-2000:]
 
+    # Publishes that wait for a replica, where the broker has none (no Redis Sentinel group).
+    result = playbook(
+        "switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq", "-e", "django_app_redis_wait_replicas=1"
+    )
+    assert result.returncode != 0
+    refusal = "django_app_redis_wait_replicas is 1: a publish can wait only for the replicas of a Redis Sentinel group"
+    assert refusal in " ".join(result.stdout.split()), result.stdout[-2000:]
+
     # A task scheduled beyond the drain timeout of the refusal below (30 s), well within that
     # of the switch after it (600 s), which must still run it once; held by a worker that then
     # dies: Redis keeps the message in its `unacked` hash, where only visibility_timeout (1 h)
