@@ -4,13 +4,14 @@ Plain functions without Django imports, so the broker-specific choices can be
 unit tested; ``settings.py`` turns the result into ``CELERY_*`` settings.
 """
 
+import collections
 import os
 import ssl
 import threading
 from urllib.parse import urlsplit
 
 import celery
-import redis
+import redis.sentinel
 from celery import bootsteps
 from celery.concurrency.thread import TaskPool as ThreadsPool
 from kombu import Exchange, Queue
@@ -144,6 +145,30 @@ class NotReplicated(redis.exceptions.ConnectionError):
     the Sentinels for the primary again and publishes again, as after a lost connection."""
 
 
+class MajoritySentinel(redis.sentinel.Sentinel):
+    """redis-py's Sentinel client, following the primary most Sentinels name. redis-py takes the first
+    Sentinel that answers, and one cut off from its peers keeps naming the primary cut off with it,
+    which refuses writes (NOREPLICAS) once its replicas lag: its clients would go back to it until
+    the partition heals. Sentinels that answered are asked first next time."""
+
+    def discover_master(self, service_name):
+        votes, answered = collections.Counter(), []
+        for sentinel in list(self.sentinels):
+            try:
+                state = sentinel.sentinel_masters().get(service_name)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+                continue
+            answered.append(sentinel)
+            if state and self.check_master_state(state, service_name):
+                votes[(state["ip"], state["port"])] += 1
+                if votes.most_common(1)[0][1] > len(self.sentinels) // 2:
+                    break
+        self.sentinels.sort(key=lambda sentinel: sentinel not in answered)
+        if not votes:
+            raise redis.sentinel.MasterNotFoundError(f"No master found for {service_name!r}")
+        return votes.most_common(1)[0][0]
+
+
 class ReplicatedSentinelChannel(SentinelChannel):
     """kombu's Sentinel channel, whose publish, with the transport option ``wait_replicas``, counts only
     once that many replicas have it (Redis WAIT, sent with the LPUSH in one round trip). Replication
@@ -152,6 +177,12 @@ class ReplicatedSentinelChannel(SentinelChannel):
 
     from_transport_options = (*SentinelChannel.from_transport_options, "wait_replicas")
     wait_replicas = 0
+
+    def _sentinel_managed_pool(self, asynchronous=False):
+        pool = super()._sentinel_managed_pool(asynchronous)
+        # The Sentinels kombu set up, asked as MajoritySentinel asks them.
+        pool.sentinel_manager.__class__ = MajoritySentinel
+        return pool
 
     def _put(self, queue, message, **kwargs):
         if not self.wait_replicas:

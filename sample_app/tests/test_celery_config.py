@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import celery
 import pytest
+import redis.sentinel
 from celery import Celery
 from celery.app.task import Context
 from celery.concurrency.prefork import TaskPool as PreforkPool
@@ -26,6 +27,7 @@ from myproject.celery_config import (
     SENTINEL_SOCKET_TIMEOUT,
     TASK_TIME_LIMIT,
     VISIBILITY_TIMEOUT,
+    MajoritySentinel,
     NotReplicated,
     PromptAcks,
     PublishTaskEventsUnbuffered,
@@ -515,3 +517,45 @@ def test_rabbitmq_dead_letters_itself_and_eager_runs_keep_nothing(broker_url, is
     producer = RecordingProducer()
     keep_failed_task_on_redis(failed_task(broker_url, producer, is_eager), "id-1", ValueError(), (), {})
     assert producer.published == [] and producer.trimmed == []
+
+
+class FakeSentinel:
+    def __init__(self, names):
+        self.names, self.asked = names, 0
+
+    def sentinel_masters(self):
+        self.asked += 1
+        if self.names is None:
+            raise redis.exceptions.TimeoutError("down")
+        return {
+            "celery": {
+                "ip": self.names,
+                "port": 6380,
+                "is_master": True,
+                "is_sdown": False,
+                "is_odown": False,
+                "num-other-sentinels": 2,
+            }
+        }
+
+
+def majority_sentinel(*names):
+    sentinel = object.__new__(MajoritySentinel)
+    sentinel.sentinels, sentinel.min_other_sentinels = [FakeSentinel(name) for name in names], 0
+    return sentinel
+
+
+def test_the_primary_most_sentinels_name_wins_over_the_first_one():
+    # The first Sentinel is cut off with the old primary, which it still names.
+    sentinel = majority_sentinel("10.0.0.1", "10.0.0.2", "10.0.0.2")
+    assert sentinel.discover_master("celery") == ("10.0.0.2", 6380)
+
+
+def test_a_sentinel_that_does_not_answer_is_asked_last_and_two_agreeing_suffice():
+    sentinel = majority_sentinel(None, "10.0.0.2", "10.0.0.2")
+    assert sentinel.discover_master("celery") == ("10.0.0.2", 6380)
+    down = next(s for s in sentinel.sentinels if s.names is None)
+    assert sentinel.sentinels[-1] is down
+    assert sentinel.discover_master("celery") == ("10.0.0.2", 6380) and down.asked == 1
+    with pytest.raises(redis.sentinel.MasterNotFoundError):
+        majority_sentinel(None, None, None).discover_master("celery")
