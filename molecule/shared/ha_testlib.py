@@ -12,6 +12,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,6 +91,23 @@ class HALoad:
                 action()
         publisher.wait(timeout=60)
         return sent, refused
+
+    def publish_side_by_side(self, task, count, per_second, env, after=None, action=None):
+        """Two publishers at once, ``count`` tasks each: the first with the load's settings, running
+        ``action()`` once ``after`` of them were sent, the second with ``env`` over them. Returns a
+        dict per publisher, in that order: its sent and refused task ids, and each publish's seconds."""
+        results = [{"seconds": []}, {"seconds": []}]
+
+        def second():
+            sent, refused = self.publish(task, count, per_second, env=env, seconds=results[1]["seconds"])
+            results[1].update(sent=sent, refused=refused)
+
+        beside = threading.Thread(target=second)
+        beside.start()
+        sent, refused = self.publish(task, count, per_second, after=after, action=action, seconds=results[0]["seconds"])
+        results[0].update(sent=sent, refused=refused)
+        beside.join()
+        return results
 
     def runs(self, since=0.0):
         """{task id: executions} so far, or only those from ``since`` (time.time()): a test that makes

@@ -169,20 +169,25 @@ class MajoritySentinel(redis.sentinel.Sentinel):
         return votes.most_common(1)[0][0]
 
 
-class ReplicatedSentinelChannel(SentinelChannel):
-    """kombu's Sentinel channel, whose publish, with the transport option ``wait_replicas``, counts only
+class MajoritySentinelChannel(SentinelChannel):
+    """kombu's Sentinel channel, connecting to the primary most Sentinels name (MajoritySentinel)."""
+
+    def _sentinel_managed_pool(self, asynchronous=False):
+        pool = super()._sentinel_managed_pool(asynchronous)
+        # kombu builds its Sentinel client inline, with no way to choose its class: the same client,
+        # asking as MajoritySentinel asks.
+        pool.sentinel_manager.__class__ = MajoritySentinel
+        return pool
+
+
+class ReplicatedSentinelChannel(MajoritySentinelChannel):
+    """The channel above, whose publish, with the transport option ``wait_replicas``, counts only
     once that many replicas have it (Redis WAIT, sent with the LPUSH in one round trip). Replication
     is asynchronous: without it, a primary that loses power may take the last second's acknowledged
     publishes with it. A publish retried this way may reach the queue twice; the tasks are idempotent."""
 
     from_transport_options = (*SentinelChannel.from_transport_options, "wait_replicas")
     wait_replicas = 0
-
-    def _sentinel_managed_pool(self, asynchronous=False):
-        pool = super()._sentinel_managed_pool(asynchronous)
-        # The Sentinels kombu set up, asked as MajoritySentinel asks them.
-        pool.sentinel_manager.__class__ = MajoritySentinel
-        return pool
 
     def _put(self, queue, message, **kwargs):
         if not self.wait_replicas:
@@ -203,7 +208,7 @@ class ReplicatedSentinelTransport(SentinelTransport):
 
 # The sentinel:// scheme names it, not the broker_transport setting: kombu takes the transport from
 # the next URL's scheme when it fails over to it (Connection.switch), and would lose the setting.
-# Without wait_replicas it is kombu's own.
+# Without wait_replicas it publishes as kombu's own.
 TRANSPORT_ALIASES["sentinel"] = lambda: ReplicatedSentinelTransport
 
 

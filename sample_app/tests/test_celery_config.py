@@ -3,6 +3,7 @@ import os
 import ssl
 import threading
 from types import SimpleNamespace
+from unittest import mock
 
 import celery
 import pytest
@@ -543,6 +544,14 @@ def majority_sentinel(*names):
     sentinel = object.__new__(MajoritySentinel)
     sentinel.sentinels, sentinel.min_other_sentinels = [FakeSentinel(name) for name in names], 0
     return sentinel
+
+
+def test_the_sentinel_channel_asks_the_sentinels_as_majority_sentinel():
+    app = Celery(set_as_current=False)
+    app.config_from_object(build_celery_config(SENTINEL_URLS, sentinel=SENTINEL))
+    # The channel's first ping would reach the Sentinels; no connection is made.
+    with mock.patch.object(redis.Redis, "ping", return_value=True), app.connection_for_write() as connection:
+        assert type(connection.default_channel.client.connection_pool.sentinel_manager) is MajoritySentinel
 
 
 def test_the_primary_most_sentinels_name_wins_over_the_first_one():
