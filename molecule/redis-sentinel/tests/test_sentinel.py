@@ -26,6 +26,7 @@ from cbk_testlib import (
     broker_port,
     changed_tasks,
     docker_host,
+    host_variable,
     packet_capture,
     platform_addresses,
     redis_cli,
@@ -234,7 +235,8 @@ def test_secrets_are_not_world_readable():
     for name in NODES:
         host = node(name)
         expected = {
-            "/etc/redis/replication.conf": ("root", "redis", 0o640),
+            # Group-writable: the Sentinel records each new primary there.
+            "/etc/redis/replication.conf": ("root", "redis", 0o660),
             "/etc/redis/users.acl": ("root", "redis", 0o640),
             "/etc/redis/sentinel-settings.sha256": ("root", "root", 0o600),
             "/var/lib/redis-sentinel": ("redis", "redis", 0o700),
@@ -258,6 +260,25 @@ def test_a_tls_change_of_the_running_group_is_refused_before_any_change():
     assert returncode != 0 and "so a running group cannot change them in place" in output, output[-3000:]
     assert "set redis_sentinel_initial_primary to the host at " + NODES["cbk-redis-sentinel-n1"] in output
     assert {name: node(name).check_output("sha256sum /etc/redis/redis.conf") for name in NODES} == before
+
+
+def test_a_first_deployment_that_would_make_a_primary_holding_keys_a_replica_is_refused():
+    """A single Redis turned into a Sentinel group: its data would be replaced if another host became
+    the initial primary. A master name no Sentinel knows yet stands for that first deployment, and a
+    key on the primary for its queued tasks."""
+    primary, replica = "cbk-redis-sentinel-n1", "cbk-redis-sentinel-n2"
+    playbook = os.path.join(os.path.dirname(__file__), os.pardir, "converge.yml")
+    first = {"redis_sentinel_master_name": f"{MASTER}-new", "redis_sentinel_initial_primary": replica}
+    key = f"queued-{uuid.uuid4()}"
+    cli(primary, "127.0.0.1", REDIS_PORT, f"SET {key} 1", user="admin")
+    try:
+        returncode, _, output, recap = ansible_playbook(playbook, "--skip-tags", "cbk-base", "-e", json.dumps(first))
+    finally:
+        cli(primary, "127.0.0.1", REDIS_PORT, f"DEL {key}", user="admin")
+    assert returncode != 0 and f"Set redis_sentinel_initial_primary to {primary}. Nothing was changed" in output, (
+        output[-3000:]
+    )
+    assert {name: changed for name, (changed, _) in recap.items()} == dict.fromkeys(NODES, 0), recap
 
 
 # --- (d) failover ----------------------------------------------------------------------------
@@ -325,10 +346,24 @@ def test_old_primary_returns_as_a_replica_of_the_new_one(failover):
 RESTART_PENDING_FILE = scenario_setting("redis", "redis__restart_pending_file")
 
 
+def recorded_primaries():
+    """The primary each host's replication settings name (None: itself), as a Redis restarted
+    now would start: the Sentinels rewrite them after each failover (client-reconfig-script)."""
+    path = host_variable(next(iter(NODES)), "redis__replication_file", ("redis",))
+    recorded = {}
+    for name in NODES:
+        lines = node(name).file(path).content_string.splitlines()
+        recorded[name] = next((line.split()[1] for line in lines if line.startswith("replicaof ")), None)
+    return recorded
+
+
 def test_converge_after_the_failover_keeps_the_new_primary_and_restarts_only_a_pending_restart(failover):
-    """The converge keeps the primary the Sentinels elected and restarts no server, but the one an
-    earlier run left a restart pending on (here the old primary, now a replica): that one rejoins."""
+    """Before any converge, the Sentinels have recorded the new primary in every host's replication
+    settings. The converge then changes nothing, and restarts no server but the one an earlier run
+    left a restart pending on (here the old primary, now a replica): that one rejoins."""
     new, old = failover["primary"], failover["old"]
+    expected = {name: None if name == new else NODES[new] for name in NODES}
+    wait_until(lambda: recorded_primaries() == expected, 30, f"every host's replication settings naming {new}")
     node(old).check_output(f"touch {RESTART_PENDING_FILE}")
     old_pid = main_pid(old)
     playbook = os.path.join(os.path.dirname(__file__), os.pardir, "converge.yml")
@@ -336,6 +371,9 @@ def test_converge_after_the_failover_keeps_the_new_primary_and_restarts_only_a_p
     assert returncode == 0, stdout[-6000:]
     changed = {name: changed for name, (changed, _) in recap.items()}
     print(f"changed per host: {changed}")
+    assert {name: count for name, count in changed.items() if name != old} == dict.fromkeys(set(NODES) - {old}, 0), (
+        changed_tasks(stdout)
+    )
     assert info(new)["role"] == "master"
     assert all(primary_by_sentinel(name, "127.0.0.1") == [NODES[new]] for name in NODES)
     for name, pid in failover["pids"].items():
@@ -675,32 +713,14 @@ def test_a_power_cut_of_the_primary_and_a_split_election_under_a_celery_load_los
             vote_for_nobody(name, primary, epoch + 1)
 
     sentinel = {**json.loads(load.env["HA_SENTINEL"]), "wait_replicas": WAIT_REPLICAS}
-    seconds = {"asynchronous": [], "waiting": []}
-    waiting = {}
+    publishers = {}
 
     def side_by_side(fault):
         """Half the load from each publisher; the fault comes part-way through the asynchronous one's."""
-        waiter = threading.Thread(
-            target=lambda: waiting.update(
-                zip(
-                    ("sent", "refused"),
-                    load.publish(
-                        "ha.record",
-                        TASKS,
-                        PER_SECOND / 2,
-                        env={"HA_SENTINEL": json.dumps(sentinel)},
-                        seconds=seconds["waiting"],
-                    ),
-                    strict=True,
-                )
-            )
-        )
-        waiter.start()
-        sent, refused = load.publish(
-            "ha.record", TASKS, PER_SECOND / 2, after=STOP_AFTER, action=fault, seconds=seconds["asynchronous"]
-        )
-        waiter.join()
-        return sent + waiting["sent"], refused + waiting["refused"]
+        waiting = {"HA_SENTINEL": json.dumps(sentinel)}
+        results = load.publish_side_by_side("ha.record", TASKS, PER_SECOND / 2, waiting, after=STOP_AFTER, action=fault)
+        publishers.update(zip(("asynchronous", "waiting"), results, strict=True))
+        return tuple([task for result in results for task in result[kind]] for kind in ("sent", "refused"))
 
     waits_before = {name: command_calls(name, "wait")[0] for name in NODES}
     report, unrecorded = primary_fault_under_load(load, power_cut, start_again=True, publish=side_by_side)
@@ -709,11 +729,13 @@ def test_a_power_cut_of_the_primary_and_a_split_election_under_a_celery_load_los
     report["waits_on_the_new_primary"] = command_calls(new, "wait")[0] - waits_before[new]
     # What waiting costs, side by side under the same load: the median and 90th percentile publish.
     report.update(
-        waiting_sent=len(waiting["sent"]),
-        waiting_lost_not_replicated=len(set(waiting["sent"]) - load.runs().keys() - set(unrecorded)),
+        waiting_sent=len(publishers["waiting"]["sent"]),
+        waiting_lost_not_replicated=len(set(publishers["waiting"]["sent"]) - load.runs().keys() - set(unrecorded)),
         publish_ms={
-            kind: {f"p{q}": round(1000 * statistics.quantiles(values, n=10)[q // 10 - 1], 1) for q in (50, 90)}
-            for kind, values in seconds.items()
+            kind: {
+                f"p{q}": round(1000 * statistics.quantiles(result["seconds"], n=10)[q // 10 - 1], 1) for q in (50, 90)
+            }
+            for kind, result in publishers.items()
         },
     )
     report["replication_lag_seconds"] = LAG_SECONDS
@@ -799,6 +821,7 @@ def test_a_primary_cut_off_from_its_peers_stops_taking_writes_and_rejoins(load):
     assert {name: main_pid(name) for name in NODES} == pids, (
         f"the converge after the partition restarted Redis: {changed_tasks(output)}"
     )
+    assert set(report["converge_changed"].values()) == {0}, changed_tasks(output)
     assert [name for name in NODES if info(name).get("role") == "master"] == [new], report
     # Refused by the cut-off primary (NOREPLICAS), a publish is sent again once to the primary most
     # Sentinels name, whichever Sentinel the app asks first (the cut-off one still names the old).
