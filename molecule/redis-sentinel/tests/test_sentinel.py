@@ -58,6 +58,7 @@ PLAIN_PORT = broker_port("redis", "plain")
 REDIS_PORT = broker_port("redis", "tls") if TLS else PLAIN_PORT
 SENTINEL_PORT = broker_port("redis", "sentinel")
 MASTER = scenario_setting("redis", "redis_sentinel_master_name")
+ADMIN = scenario_setting("redis", "redis_admin_user")
 # The kit CA in each node's trust store (base role), and its copy on the controller.
 HOST_CA = role_defaults("base")["base_tls_ca_path"]
 CONTROLLER_CA = f"{scenario_variables()['base_tls_kit_ca_dir']}/ca.crt"
@@ -265,20 +266,28 @@ def test_a_tls_change_of_the_running_group_is_refused_before_any_change():
 def test_a_first_deployment_that_would_make_a_primary_holding_keys_a_replica_is_refused():
     """A single Redis turned into a Sentinel group: its data would be replaced if another host became
     the initial primary. A master name no Sentinel knows yet stands for that first deployment, and a
-    key on the primary for its queued tasks."""
+    key on the primary for its queued tasks. A Redis that refuses the admin login cannot be read,
+    and is refused too."""
     primary, replica = "cbk-redis-sentinel-n1", "cbk-redis-sentinel-n2"
     playbook = os.path.join(os.path.dirname(__file__), os.pardir, "converge.yml")
     first = {"redis_sentinel_master_name": f"{MASTER}-new", "redis_sentinel_initial_primary": replica}
+    wrong_login = {**first, "redis_admin_password": "not-the-admin-password"}
     key = f"queued-{uuid.uuid4()}"
     cli(primary, "127.0.0.1", REDIS_PORT, f"SET {key} 1", user="admin")
     try:
-        returncode, _, output, recap = ansible_playbook(playbook, "--skip-tags", "cbk-base", "-e", json.dumps(first))
+        runs = {
+            f"Set redis_sentinel_initial_primary to {primary}. Nothing was changed": ansible_playbook(
+                playbook, "--skip-tags", "cbk-base", "-e", json.dumps(first)
+            ),
+            f"runs a Redis that refused redis_admin_user ({ADMIN}) with redis_admin_password": ansible_playbook(
+                playbook, "--skip-tags", "cbk-base", "-e", json.dumps(wrong_login)
+            ),
+        }
     finally:
         cli(primary, "127.0.0.1", REDIS_PORT, f"DEL {key}", user="admin")
-    assert returncode != 0 and f"Set redis_sentinel_initial_primary to {primary}. Nothing was changed" in output, (
-        output[-3000:]
-    )
-    assert {name: changed for name, (changed, _) in recap.items()} == dict.fromkeys(NODES, 0), recap
+    for refusal, (returncode, _, output, recap) in runs.items():
+        assert returncode != 0 and refusal in output, output[-3000:]
+        assert {name: changed for name, (changed, _) in recap.items()} == dict.fromkeys(NODES, 0), recap
 
 
 # --- (d) failover ----------------------------------------------------------------------------
