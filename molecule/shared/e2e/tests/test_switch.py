@@ -300,6 +300,20 @@ def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_pa
     assert uses_broker(front, "redis"), "the app left Redis"
 
 
+def test_a_new_broker_that_fails_to_deploy_stops_the_switch_before_the_workers_move(backend, front, probe_address):
+    """The new broker fails on its host (a release the package mirror does not have): the run stops
+    in the broker tier, and the workers on the other host, and the web, stay on the old broker."""
+    before = fingerprint(backend, front)
+    missing = "rabbitmq_version=0.0.1"
+    result = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq", "-e", missing)
+    assert result.returncode != 0
+    assert "rabbitmq-server=0.0.1-*" in result.stdout, result.stdout[-3000:]
+    assert "PLAY [Workers tier]" not in result.stdout, result.stdout[-3000:]
+    assert fingerprint(backend, front) == before, "a switch whose new broker failed moved the app"
+    for host in (backend, front):
+        assert uses_broker(host, "redis"), "the app left Redis"
+
+
 @pytest.mark.parametrize(
     "old, new, retire, interrupted",
     [("redis", "rabbitmq", "keep", True), ("rabbitmq", "redis", "stop", False)],
