@@ -204,6 +204,13 @@ class ReplicatedSentinelChannel(MajoritySentinelChannel):
 
 class ReplicatedSentinelTransport(SentinelTransport):
     Channel = ReplicatedSentinelChannel
+    # kombu's publish retry (Connection.ensure) gives up at the second error after a reconnection for
+    # a transport that does not say which errors are recoverable, whatever task_publish_retry_policy
+    # says: a failover's second transient error (READONLY, NOREPLICAS, a dropped or paused
+    # connection) refused the publish. Every error of the Redis transport, as kombu assumes without
+    # this, but retried up to the policy's max_retries, each time on the primary the Sentinels name.
+    recoverable_connection_errors = SentinelTransport.connection_errors + SentinelTransport.channel_errors
+    recoverable_channel_errors = ()
 
 
 # The sentinel:// scheme names it, not the broker_transport setting: kombu takes the transport from

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 from unittest import mock
 
 import celery
+import kombu.exceptions
 import pytest
 import redis.sentinel
 from celery import Celery
@@ -22,6 +23,7 @@ from myproject.celery_config import (
     DEAD_LETTER_QUEUE,
     MAX_COUNTDOWN,
     PRIMARY_CONNECT_TIMEOUT,
+    PUBLISH_RETRY_POLICY,
     QUEUE_NAMES,
     REDIS_DEAD_LETTERS_KEPT,
     REDIS_WAIT_TIMEOUT_MS,
@@ -552,6 +554,33 @@ def test_the_sentinel_channel_asks_the_sentinels_as_majority_sentinel():
     # The channel's first ping would reach the Sentinels; no connection is made.
     with mock.patch.object(redis.Redis, "ping", return_value=True), app.connection_for_write() as connection:
         assert type(connection.default_channel.client.connection_pool.sentinel_manager) is MajoritySentinel
+
+
+def publish_after_two_errors(connection):
+    """Connection.ensure, as a publish with the app's retry policy runs it, of a publish that meets a
+    dropped connection, then a primary demoted meanwhile (READONLY), then succeeds. Reconnections are
+    not made (no Redis here)."""
+    outcomes = iter([redis.exceptions.ConnectionError("closed"), redis.exceptions.ReadOnlyError("READONLY"), "sent"])
+
+    def publish():
+        outcome = next(outcomes)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    channel = mock.PropertyMock()
+    with mock.patch.object(connection, "_ensure_connection"), mock.patch.object(Connection, "default_channel", channel):
+        return connection.ensure(mock.Mock(), publish, **PUBLISH_RETRY_POLICY)()
+
+
+def test_a_publish_through_the_sentinels_is_retried_past_a_second_error():
+    app = Celery(set_as_current=False)
+    app.config_from_object(build_celery_config(SENTINEL_URLS, sentinel=SENTINEL))
+    with app.connection_for_write() as connection:
+        assert publish_after_two_errors(connection) == "sent"
+    # kombu's own Redis transport gives up at the second error after a reconnection.
+    with Connection("redis://10.0.0.1:6379/0") as connection, pytest.raises(kombu.exceptions.OperationalError):
+        publish_after_two_errors(connection)
 
 
 def test_the_primary_most_sentinels_name_wins_over_the_first_one():
