@@ -8,6 +8,7 @@ import collections
 import os
 import ssl
 import threading
+import time
 from urllib.parse import urlsplit
 
 import celery
@@ -68,6 +69,11 @@ PRIMARY_CONNECT_TIMEOUT = 2
 # the primary at once on a LAN; none answering within this is a failover's case, and the publish
 # is tried again (PUBLISH_RETRY_POLICY) on the primary the Sentinels name then.
 REDIS_WAIT_TIMEOUT_MS = 1000
+# Seconds a publish to a Redis primary that failed waits before kombu sends it again. kombu sends it
+# again through one reconnection only (Connection.ensure: the Redis transport does not say which
+# errors are recoverable), at once: a failover's moment (READONLY, then NOREPLICAS until the new
+# primary counts a replica) met twice refuses it.
+REDIS_PUBLISH_RETRY_PAUSE = 0.5
 # TLS to Redis (rediss://, or Sentinels that serve TLS): verify the server's certificate against the
 # system's trust store, and its name; kombu otherwise falls back to CERT_NONE for rediss://.
 REDIS_TLS = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
@@ -190,27 +196,25 @@ class ReplicatedSentinelChannel(MajoritySentinelChannel):
     wait_replicas = 0
 
     def _put(self, queue, message, **kwargs):
-        if not self.wait_replicas:
-            return super()._put(queue, message, **kwargs)
-        priority = self._get_message_priority(message, reverse=False)
-        with self.conn_or_acquire() as client:
-            pipe = client.pipeline(transaction=False)
-            pipe.lpush(self._q_for_pri(queue, priority), dumps(message))
-            pipe.execute_command("WAIT", self.wait_replicas, REDIS_WAIT_TIMEOUT_MS)
-            _, replicas = pipe.execute()
+        try:
+            if not self.wait_replicas:
+                return super()._put(queue, message, **kwargs)
+            priority = self._get_message_priority(message, reverse=False)
+            with self.conn_or_acquire() as client:
+                pipe = client.pipeline(transaction=False)
+                pipe.lpush(self._q_for_pri(queue, priority), dumps(message))
+                pipe.execute_command("WAIT", self.wait_replicas, REDIS_WAIT_TIMEOUT_MS)
+                _, replicas = pipe.execute()
+        except redis.exceptions.RedisError:
+            time.sleep(REDIS_PUBLISH_RETRY_PAUSE)
+            raise
+        # Not paused: WAIT took its second.
         if replicas < self.wait_replicas:
             raise NotReplicated(f"{replicas} of {self.wait_replicas} replicas confirmed the publish to {queue!r}")
 
 
 class ReplicatedSentinelTransport(SentinelTransport):
     Channel = ReplicatedSentinelChannel
-    # kombu's publish retry (Connection.ensure) gives up at the second error after a reconnection for
-    # a transport that does not say which errors are recoverable, whatever task_publish_retry_policy
-    # says: a failover's second transient error (READONLY, NOREPLICAS, a dropped or paused
-    # connection) refused the publish. Every error of the Redis transport, as kombu assumes without
-    # this, but retried up to the policy's max_retries, each time on the primary the Sentinels name.
-    recoverable_connection_errors = SentinelTransport.connection_errors + SentinelTransport.channel_errors
-    recoverable_channel_errors = ()
 
 
 # The sentinel:// scheme names it, not the broker_transport setting: kombu takes the transport from

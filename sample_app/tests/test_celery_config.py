@@ -6,7 +6,6 @@ from types import SimpleNamespace
 from unittest import mock
 
 import celery
-import kombu.exceptions
 import pytest
 import redis.sentinel
 from celery import Celery
@@ -23,9 +22,9 @@ from myproject.celery_config import (
     DEAD_LETTER_QUEUE,
     MAX_COUNTDOWN,
     PRIMARY_CONNECT_TIMEOUT,
-    PUBLISH_RETRY_POLICY,
     QUEUE_NAMES,
     REDIS_DEAD_LETTERS_KEPT,
+    REDIS_PUBLISH_RETRY_PAUSE,
     REDIS_WAIT_TIMEOUT_MS,
     SENTINEL_SOCKET_TIMEOUT,
     TASK_TIME_LIMIT,
@@ -380,6 +379,8 @@ class FakePipeline:
         self.commands.append(command)
 
     def execute(self):
+        if isinstance(self.replicas, Exception):
+            raise self.replicas
         return [1, self.replicas]
 
 
@@ -419,6 +420,24 @@ def test_a_publish_fewer_replicas_confirmed_is_a_connection_error_kombu_retries(
     # Retried by kombu's ensure() (the publish retry policy) as a lost connection is.
     connection = Connection(SENTINEL_URLS, transport=ReplicatedSentinelTransport)
     assert isinstance(error.value, connection.recoverable_connection_errors)
+
+
+def test_a_publish_the_primary_failed_is_given_back_to_kombu_after_a_pause(monkeypatch):
+    # kombu sends it again at once, and only once after reconnecting: a second moment to the failover.
+    pauses = []
+    monkeypatch.setattr("myproject.celery_config.time.sleep", pauses.append)
+    for error in (redis.exceptions.ConnectionError("closed"), redis.exceptions.ResponseError("NOREPLICAS")):
+        with pytest.raises(type(error)):
+            put_through_replicated_channel(replicas=error)
+    # Also kombu's own publish, without WAIT.
+    monkeypatch.setattr(SentinelChannel, "_put", mock.Mock(side_effect=redis.exceptions.ReadOnlyError("READONLY")))
+    with pytest.raises(redis.exceptions.ReadOnlyError):
+        put_through_replicated_channel(replicas=1, wait_replicas=0)
+    assert pauses == [REDIS_PUBLISH_RETRY_PAUSE] * 3
+    # WAIT's timeout is the pause of a publish too few replicas confirmed.
+    with pytest.raises(NotReplicated):
+        put_through_replicated_channel(replicas=0)
+    assert len(pauses) == 3
 
 
 def test_prompt_acks_wakes_the_event_loop_when_a_pool_thread_hands_it_work():
@@ -554,33 +573,6 @@ def test_the_sentinel_channel_asks_the_sentinels_as_majority_sentinel():
     # The channel's first ping would reach the Sentinels; no connection is made.
     with mock.patch.object(redis.Redis, "ping", return_value=True), app.connection_for_write() as connection:
         assert type(connection.default_channel.client.connection_pool.sentinel_manager) is MajoritySentinel
-
-
-def publish_after_two_errors(connection):
-    """Connection.ensure, as a publish with the app's retry policy runs it, of a publish that meets a
-    dropped connection, then a primary demoted meanwhile (READONLY), then succeeds. Reconnections are
-    not made (no Redis here)."""
-    outcomes = iter([redis.exceptions.ConnectionError("closed"), redis.exceptions.ReadOnlyError("READONLY"), "sent"])
-
-    def publish():
-        outcome = next(outcomes)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
-
-    channel = mock.PropertyMock()
-    with mock.patch.object(connection, "_ensure_connection"), mock.patch.object(Connection, "default_channel", channel):
-        return connection.ensure(mock.Mock(), publish, **PUBLISH_RETRY_POLICY)()
-
-
-def test_a_publish_through_the_sentinels_is_retried_past_a_second_error():
-    app = Celery(set_as_current=False)
-    app.config_from_object(build_celery_config(SENTINEL_URLS, sentinel=SENTINEL))
-    with app.connection_for_write() as connection:
-        assert publish_after_two_errors(connection) == "sent"
-    # kombu's own Redis transport gives up at the second error after a reconnection.
-    with Connection("redis://10.0.0.1:6379/0") as connection, pytest.raises(kombu.exceptions.OperationalError):
-        publish_after_two_errors(connection)
 
 
 def test_the_primary_most_sentinels_name_wins_over_the_first_one():
