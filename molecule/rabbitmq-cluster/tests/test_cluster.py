@@ -392,13 +392,13 @@ def under_load(load, fault, act, recover=lambda leader: None):
         pause=3,
     )
     report = {
+        **tally(sent, refused, runs),
         "node": leader,
         "fault_took_s": round(times["act_took"], 1),
         "leader_after": new_leader,
         "whole_again_after_s": round(time.monotonic() - times["fault"], 1),
         **observed,
         **recovery,
-        **tally(sent, refused, runs),
     }
     write_report("rabbitmq-cluster", fault, report)
     # Confirmed means a majority wrote it: no fault of one node may lose it. At-least-once
