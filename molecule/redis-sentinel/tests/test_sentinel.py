@@ -251,15 +251,27 @@ def test_secrets_are_not_world_readable():
             assert found.rc == 1, f"{user}'s password in clear text on {name}: {found.stdout}"
 
 
-def test_a_tls_change_of_the_running_group_is_refused_before_any_change():
-    """The Sentinels' state files hold their peers' ports: the role stops, naming the steps."""
+@pytest.mark.parametrize(
+    "change, refusal",
+    [
+        # The Sentinels' state files hold their peers' ports.
+        (
+            {"redis_tls_enabled": not TLS},
+            "so a running group cannot change them in place. To change them: set redis_sentinel_initial_primary "
+            "to the host at " + NODES["cbk-redis-sentinel-n1"],
+        ),
+        # Out of the group in place: the other Sentinels would fail over meanwhile.
+        ({"redis_sentinel": False}, "but it is in a Sentinel group"),
+    ],
+    ids=["tls", "out-of-the-group"],
+)
+def test_a_change_the_running_group_cannot_make_in_place_is_refused_before_any_change(change, refusal):
+    """The role stops on every host, naming the steps."""
     playbook = os.path.join(os.path.dirname(__file__), os.pardir, "converge.yml")
     before = {name: node(name).check_output("sha256sum /etc/redis/redis.conf") for name in NODES}
-    returncode, _, output, _ = ansible_playbook(
-        playbook, "--check", "--skip-tags", "cbk-base", "-e", json.dumps({"redis_tls_enabled": not TLS})
-    )
-    assert returncode != 0 and "so a running group cannot change them in place" in output, output[-3000:]
-    assert "set redis_sentinel_initial_primary to the host at " + NODES["cbk-redis-sentinel-n1"] in output
+    returncode, _, output, recap = ansible_playbook(playbook, "--skip-tags", "cbk-base", "-e", json.dumps(change))
+    assert returncode != 0 and refusal in output, output[-3000:]
+    assert recap == dict.fromkeys(NODES, (0, 1)), f"(changed, failed) per host: {recap}"
     assert {name: node(name).check_output("sha256sum /etc/redis/redis.conf") for name in NODES} == before
 
 
