@@ -83,11 +83,40 @@ if old_hybrid_url and not old_hybrid_queues:
         "the workers consume on that broker (comma-separated), then re-run"
     )
 new_hybrid_queues = request["hybrid_queues"]
+
+
+def redis_hosts(url):
+    """The hosts a Redis URL names: one server, or the Sentinels of a group (a ';' list; the
+    redis role runs one beside each of its servers). None for another broker."""
+    urls = url.split(";")
+    if any(u.split("://")[0] not in request["redis_schemes"] for u in urls):
+        return None
+    return {Connection(u).hostname for u in urls}
+
+
+def same_redis_data(was, now):
+    """Whether two Redis URLs reach the same data, because they share a host: a single server
+    that became a Sentinel group's first primary, or a group that gained or lost members, or a
+    server whose port or TLS changed. The redis role sees to the data: a group's first deployment
+    refuses to make a server that holds keys a replica, and replicas copy their primary. The old
+    URL is read back from the settings file: it is all that is left of the old inventory."""
+    was_hosts, now_hosts = redis_hosts(was), redis_hosts(now)
+    return (
+        was_hosts is not None
+        and now_hosts is not None
+        and bool(was_hosts & now_hosts)
+        and Connection(was.split(";")[0]).virtual_host == Connection(now.split(";")[0]).virtual_host
+    )
+
+
 moving = {}  # queue -> old broker URL
 for queue in request["queues"]:
     was = broker_of(queue, old["CELERY_BROKER_URL"], old_hybrid_url, old_hybrid_queues)
     now = broker_of(queue, request["broker_url"], request["hybrid_broker_url"], new_hybrid_queues)
-    if was != now:
+    # The same Redis data through other URLs: the workers and the web only restart on the new
+    # ones. Drained, its tasks would be taken by both sides, and "confirm" would put back in the
+    # queue those the new workers hold.
+    if was != now and not same_redis_data(was, now):
         moving[queue] = (was, now)
 
 

@@ -1,6 +1,7 @@
 """The broker switch (molecule/switch, after the Redis end-to-end checks): bad input stops
 before any change; Redis -> RabbitMQ and back under a signup load, with tasks scheduled by
-countdown and a backlog on the old broker; then hybrid mode. Each switch is
+countdown and a backlog on the old broker; then hybrid mode, in the same run as the single Redis
+becomes a Sentinel group of three (into high availability). Each switch is
 playbooks/switch_broker.yml, as an operator runs it. Every accepted signup must get exactly
 one email (one copy), every published task must run exactly once (its id in one
 "succeeded" line across the workers' journals), and the old broker must be empty after.
@@ -33,10 +34,11 @@ from cbk_testlib import (
     redis_engine,
     role_defaults,
     scenario_setting,
+    scenario_variables,
     settle_mail,
     wait_for_task_runs,
 )
-from conftest import BACKEND
+from conftest import BACKEND, FRONT
 
 SCENARIO = os.environ["MOLECULE_SCENARIO_NAME"]
 pytestmark = pytest.mark.skipif(SCENARIO != "switch", reason="the switch runs in molecule/switch only")
@@ -408,13 +410,60 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
     assert backend.service(old_unit).is_running == (retire == "keep"), f"celery_broker_retire={retire}"
 
 
-def test_hybrid_mode(backend, front, site, probe_address):
+@pytest.fixture(scope="module")
+def sentinel_inventory(tmp_path_factory):
+    """An inventory copy whose redis group is a Sentinel group of three: debian12 (the single Redis
+    until then, first in the group: the initial primary), debian13, and a third host started here
+    as a systemd container with the platforms' settings (cleanup.yml removes it). debian13 runs
+    Redis 8.0 beside the others' 7.0: a replica of a newer release reads its primary's data."""
+    third = scenario_variables()["e2e_third_redis_name"]
+    platform = yaml.safe_load((PROJECT / ".config" / "molecule" / "config.yml").read_text())["platforms"][0]
+    command = ["docker", "run", "--detach", "--name", third, "--hostname", third, "--network", f"cbk-{SCENARIO}"]
+    command += [f"--cap-add={capability}" for capability in platform["capabilities"]]
+    command += [f"--security-opt={option}" for option in platform["security_opts"]]
+    command += [f"--tmpfs={path}" for path in platform["tmpfs"]]
+    command += [f"--volume={volume}" for volume in platform["volumes"]]
+    # An earlier verify's container (molecule verify run again) is started as it is.
+    if subprocess.run(["docker", "container", "inspect", third], capture_output=True).returncode == 0:
+        command = ["docker", "start", third]
+    else:
+        command += [platform["image"], platform["command"]]
+    subprocess.run(command, check=True, capture_output=True)
+    # "degraded" (a unit the container cannot run) exits non-zero too: booted is what counts.
+    subprocess.run(["docker", "exec", third, "systemctl", "is-system-running", "--wait"], capture_output=True)
+    inventory = tmp_path_factory.mktemp("sentinel") / "inventory"
+    shutil.copytree(INVENTORY, inventory)
+    redis_group = {"hosts": {FRONT: {}, third: {"ansible_connection": "docker"}}, "vars": {"redis_sentinel": True}}
+    (inventory / "sentinel.yml").write_text(yaml.safe_dump({"all": {"children": {"redis": redis_group}}}))
+    return inventory
+
+
+def test_hybrid_mode_with_redis_into_high_availability(backend, front, site, probe_address, sentinel_inventory):
     """celery_broker: hybrid puts email and priority on RabbitMQ and the other queues on
-    Redis; each worker instance consumes one broker."""
+    Redis; each worker instance consumes one broker. The same run turns the single Redis into a
+    Sentinel group of three (redis_sentinel): its queues keep their data, so they do not move
+    (no drain; the workers and the web only restart on the sentinel:// URLs), while email and
+    priority are drained to RabbitMQ. Under a signup load, with a backlog on Redis."""
     hosts = (backend, front)
     since = time.time() - 1
-    switch = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=hybrid")
+    for host in hosts:
+        host.check_output("systemctl stop celery-worker@default")
+    backlog = publish(front, "hybrid-backlog", BACKLOG)
+    for host in hosts:
+        host.check_output("systemctl start celery-worker@default")
+    load = SignupLoad(PROBE, site, "hybridha", rate=SIGNUP_RATE)
+    # site.yml, not switch_broker.yml: the new host needs every tier (base: its certificate).
+    switch = playbook("../site.yml", probe_address, "-e", "celery_broker=hybrid", inventory=sentinel_inventory)
+    during = load.result()
     assert switch.returncode == 0, switch.stdout[-4000:]
+    moved = re.search(r"queues that move: ([\w, ]+)", switch.log)[1].split(", ")
+    # The single Redis is the group's primary, with both replicas; the app asks the Sentinels.
+    replication = redis_admin(backend, "INFO", "replication")
+    sentinel_url = f'^CELERY_BROKER_URL="{broker_entry("redis")["sentinel_scheme"]}://'
+    sentinel_urls = {env_file(host): host.run("grep -q %s %s", sentinel_url, env_file(host)).rc for host in hosts}
+    mail = settle_mail(backend, during, 240)
+    during_lost, during_twice, during_resent, during_emails = mail_tally(during, mail)
+    backlog_runs = wait_for_task_runs(hosts, backlog, since)
 
     # Where tasks wait while their workers are stopped: email on RabbitMQ, analytics on Redis.
     for host in hosts:
@@ -447,22 +496,28 @@ def test_hybrid_mode(backend, front, site, probe_address):
         consumers[module] = sorted({q["name"] for queues in json.loads(out).values() for q in queues})
     rows.append(
         {
-            "switch": "redis -> hybrid",
+            "switch": "redis -> hybrid, Redis single -> Sentinel group of 3",
             "seconds": round(switch.seconds),
-            "signups accepted": len(signups["accepted"]),
-            "refused": len(signups["refused"]),
-            "emails": len(messages),
-            "emails lost": len(lost),
-            "emails twice": len(twice) + resent,
-            "tasks sent": len(events),
-            "tasks run once": sum(1 for n in counts.values() if n == 1),
-            "tasks lost": sum(1 for n in counts.values() if n == 0),
-            "tasks run twice": sum(1 for n in counts.values() if n > 1),
+            "signups accepted": len(during["accepted"]),
+            "refused": len(during["refused"]),
+            "emails": during_emails,
+            "emails lost": len(during_lost),
+            "emails twice": len(during_twice) + during_resent,
+            "tasks sent": len(backlog),
+            "tasks run once": sum(1 for n in backlog_runs.values() if n == 1),
+            "tasks lost": sum(1 for n in backlog_runs.values() if n == 0),
+            "tasks run twice": sum(1 for n in backlog_runs.values() if n > 1),
             "left on old broker": json.dumps(placement),
             "drain began with (waiting, held)": drain_figures(switch)[0],
             "drain seconds": drain_figures(switch)[1],
         }
     )
+    assert sorted(moved) == consumers[hybrid_app], f"queues drained: {moved}"
+    assert "role:master" in replication and "connected_slaves:2" in replication, replication
+    assert not any(sentinel_urls.values()), f"settings without sentinel:// URLs (grep's exit code): {sentinel_urls}"
+    assert not during["refused"], f"the web tier refused signups during the switch: {during['refused'][:5]}"
+    assert not during_lost and not during_twice and not during_resent
+    assert all(n == 1 for n in backlog_runs.values()), {task: n for task, n in backlog_runs.items() if n != 1}
     accepted = len(signups["accepted"])
     assert placement == {
         "email on RabbitMQ": accepted,
