@@ -169,6 +169,29 @@ def drain_figures(switch):
     return (tuple(map(int, began.groups())) if began else None), (int(took[1]) if took else None)
 
 
+def result_row(name, switch, signups, tally, runs, left):
+    """A row of the results: the run, its signups and their emails (mail_tally's), how often each
+    of its tasks ran ({id: runs}), what it left on the old broker, and the drain's figures."""
+    lost, twice, resent, emails = tally
+    began, seconds = drain_figures(switch)
+    return {
+        "switch": name,
+        "seconds": round(switch.seconds),
+        "signups accepted": len(signups["accepted"]),
+        "refused": len(signups["refused"]),
+        "emails": emails,
+        "emails lost": len(lost),
+        "emails twice": len(twice) + resent,
+        "tasks sent": len(runs),
+        "tasks run once": sum(1 for n in runs.values() if n == 1),
+        "tasks lost": sum(1 for n in runs.values() if n == 0),
+        "tasks run twice": sum(1 for n in runs.values() if n > 1),
+        "left on old broker": left,
+        "drain began with (waiting, held)": began,
+        "drain seconds": seconds,
+    }
+
+
 def waiting_on(backend, broker, queue):
     """Messages waiting in the queue on the broker (every priority step of it on Redis)."""
     if broker == "rabbitmq":
@@ -349,7 +372,6 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
     )
     signups = load.result()
     assert switch.returncode == 0, switch.stdout[-4000:]
-    began, seconds = drain_figures(switch)
     # Published after the switch, from the new settings.
     after = publish(front, f"switch-{new}-after", 20)
 
@@ -373,25 +395,9 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
     left = left_on(backend, old)
     # A rolling release (playbooks/vars/release.yml): one host's workers restart at a time.
     windows, overlapping = overlapping_worker_restarts(backend, front, switched_at)
-    rows.append(
-        {
-            "switch": f"{old} -> {new} (old broker: {retire}{', interrupted, run again' if interrupted else ''})",
-            "seconds": round(switch.seconds),
-            "signups accepted": len(signups["accepted"]),
-            "refused": len(signups["refused"]),
-            "emails": emails,
-            "emails lost": len(lost),
-            "emails twice": len(twice) + resent,
-            "tasks sent": len(tasks),
-            "tasks run once": sum(1 for n in counts.values() if n == 1),
-            "tasks lost": len(never),
-            "tasks run twice": len(again),
-            "left on old broker": left,
-            "drain began with (waiting, held)": began,
-            "drain seconds": seconds,
-            "worker restarts overlapping across hosts": len(overlapping),
-        }
-    )
+    name = f"{old} -> {new} (old broker: {retire}{', interrupted, run again' if interrupted else ''})"
+    row = result_row(name, switch, signups, (lost, twice, resent, emails), counts, left)
+    rows.append({**row, "worker restarts overlapping across hosts": len(overlapping)})
     assert not signups["refused"], f"the web tier refused signups during the switch: {signups['refused'][:5]}"
     assert all(windows.values()) and not overlapping, f"worker restarts (stopping, started) per host: {windows}"
     assert not lost and not twice and not resent, f"emails lost {lost[:3]}, twice {twice[:3]}, resent {resent}"
@@ -462,7 +468,8 @@ def test_hybrid_mode_with_redis_into_high_availability(backend, front, site, pro
     sentinel_url = f'^CELERY_BROKER_URL="{broker_entry("redis")["sentinel_scheme"]}://'
     sentinel_urls = {env_file(host): host.run("grep -q %s %s", sentinel_url, env_file(host)).rc for host in hosts}
     mail = settle_mail(backend, during, 240)
-    during_lost, during_twice, during_resent, during_emails = mail_tally(during, mail)
+    during_tally = mail_tally(during, mail)
+    during_lost, during_twice, during_resent, _ = during_tally
     backlog_runs = wait_for_task_runs(hosts, backlog, since)
 
     # Where tasks wait while their workers are stopped: email on RabbitMQ, analytics on Redis.
@@ -494,24 +501,8 @@ def test_hybrid_mode_with_redis_into_high_availability(backend, front, site, pro
             "CELERY_APP_MODULE=%s %s inspect active_queues --json --timeout=5", module, CELERY
         )
         consumers[module] = sorted({q["name"] for queues in json.loads(out).values() for q in queues})
-    rows.append(
-        {
-            "switch": "redis -> hybrid, Redis single -> Sentinel group of 3",
-            "seconds": round(switch.seconds),
-            "signups accepted": len(during["accepted"]),
-            "refused": len(during["refused"]),
-            "emails": during_emails,
-            "emails lost": len(during_lost),
-            "emails twice": len(during_twice) + during_resent,
-            "tasks sent": len(backlog),
-            "tasks run once": sum(1 for n in backlog_runs.values() if n == 1),
-            "tasks lost": sum(1 for n in backlog_runs.values() if n == 0),
-            "tasks run twice": sum(1 for n in backlog_runs.values() if n > 1),
-            "left on old broker": json.dumps(placement),
-            "drain began with (waiting, held)": drain_figures(switch)[0],
-            "drain seconds": drain_figures(switch)[1],
-        }
-    )
+    name = "redis -> hybrid, Redis single -> Sentinel group of 3"
+    rows.append(result_row(name, switch, during, during_tally, backlog_runs, json.dumps(placement)))
     assert sorted(moved) == consumers[hybrid_app], f"queues drained: {moved}"
     assert "role:master" in replication and "connected_slaves:2" in replication, replication
     assert not any(sentinel_urls.values()), f"settings without sentinel:// URLs (grep's exit code): {sentinel_urls}"
