@@ -449,14 +449,14 @@ def test_hybrid_mode_with_redis_into_high_availability(backend, front, site, pro
     Redis; each worker instance consumes one broker. The same run turns the single Redis into a
     Sentinel group of three (redis_sentinel): its queues keep their data, so they do not move
     (no drain; the workers and the web only restart on the sentinel:// URLs), while email and
-    priority are drained to RabbitMQ. Under a signup load, with a backlog on Redis."""
+    priority are drained to RabbitMQ. Under a signup load, with a backlog on Redis through the
+    primary's restart: the workers of its queue stay stopped until the run's workers tier starts them."""
     hosts = (backend, front)
     since = time.time() - 1
     for host in hosts:
         host.check_output("systemctl stop celery-worker@default")
     backlog = publish(front, "hybrid-backlog", BACKLOG)
-    for host in hosts:
-        host.check_output("systemctl start celery-worker@default")
+    waiting_before = waiting_on(backend, "redis", "analytics")
     load = SignupLoad(PROBE, site, "hybridha", rate=SIGNUP_RATE)
     # site.yml, not switch_broker.yml: the new host needs every tier (base: its certificate).
     switch = playbook("../site.yml", probe_address, "-e", "celery_broker=hybrid", inventory=sentinel_inventory)
@@ -503,6 +503,7 @@ def test_hybrid_mode_with_redis_into_high_availability(backend, front, site, pro
         consumers[module] = sorted({q["name"] for queues in json.loads(out).values() for q in queues})
     name = "redis -> hybrid, Redis single -> Sentinel group of 3"
     rows.append(result_row(name, switch, during, during_tally, backlog_runs, json.dumps(placement)))
+    assert waiting_before >= BACKLOG, f"{waiting_before} analytics tasks waiting on Redis before the run"
     assert sorted(moved) == consumers[hybrid_app], f"queues drained: {moved}"
     assert "role:master" in replication and "connected_slaves:2" in replication, replication
     assert not any(sentinel_urls.values()), f"settings without sentinel:// URLs (grep's exit code): {sentinel_urls}"
