@@ -416,32 +416,66 @@ def test_switch_under_load(backend, front, site, probe_address, old, new, retire
     assert backend.service(old_unit).is_running == (retire == "keep"), f"celery_broker_retire={retire}"
 
 
-@pytest.fixture(scope="module")
-def sentinel_inventory(tmp_path_factory):
-    """An inventory copy whose redis group is a Sentinel group of three: debian12 (the single Redis
-    until then, first in the group: the initial primary), debian13, and a third host started here
-    as a systemd container with the platforms' settings (cleanup.yml removes it). debian13 runs
-    Redis 8.0 beside the others' 7.0: a replica of a newer release reads its primary's data."""
-    third = scenario_variables()["e2e_third_redis_name"]
-    platform = yaml.safe_load((PROJECT / ".config" / "molecule" / "config.yml").read_text())["platforms"][0]
-    command = ["docker", "run", "--detach", "--name", third, "--hostname", third, "--network", f"cbk-{SCENARIO}"]
+def start_host(name, platform):
+    """Starts a systemd container on the scenario network with the settings of the platforms'
+    entry (.config/molecule/config.yml, 0 Debian 12, 1 Debian 13), as a host the kit can deploy to
+    over the docker connection; cleanup.yml removes it. An earlier verify's container (molecule
+    verify run again) is started as it is."""
+    platform = yaml.safe_load((PROJECT / ".config" / "molecule" / "config.yml").read_text())["platforms"][platform]
+    command = ["docker", "run", "--detach", "--name", name, "--hostname", name, "--network", f"cbk-{SCENARIO}"]
     command += [f"--cap-add={capability}" for capability in platform["capabilities"]]
     command += [f"--security-opt={option}" for option in platform["security_opts"]]
     command += [f"--tmpfs={path}" for path in platform["tmpfs"]]
     command += [f"--volume={volume}" for volume in platform["volumes"]]
-    # An earlier verify's container (molecule verify run again) is started as it is.
-    if subprocess.run(["docker", "container", "inspect", third], capture_output=True).returncode == 0:
-        command = ["docker", "start", third]
+    if subprocess.run(["docker", "container", "inspect", name], capture_output=True).returncode == 0:
+        command = ["docker", "start", name]
     else:
         command += [platform["image"], platform["command"]]
     subprocess.run(command, check=True, capture_output=True)
     # "degraded" (a unit the container cannot run) exits non-zero too: booted is what counts.
-    subprocess.run(["docker", "exec", third, "systemctl", "is-system-running", "--wait"], capture_output=True)
-    inventory = tmp_path_factory.mktemp("sentinel") / "inventory"
-    shutil.copytree(INVENTORY, inventory)
-    redis_group = {"hosts": {FRONT: {}, third: {"ansible_connection": "docker"}}, "vars": {"redis_sentinel": True}}
-    (inventory / "sentinel.yml").write_text(yaml.safe_dump({"all": {"children": {"redis": redis_group}}}))
+    subprocess.run(["docker", "exec", name, "systemctl", "is-system-running", "--wait"], capture_output=True)
+
+
+def inventory_with(tmp_path_factory, base, name, groups):
+    """A copy of the inventory directory base with one more file, name.yml, that adds hosts and
+    variables to groups ({group: {"hosts": ..., "vars": ...}})."""
+    inventory = tmp_path_factory.mktemp(name) / "inventory"
+    shutil.copytree(base, inventory)
+    (inventory / f"{name}.yml").write_text(yaml.safe_dump({"all": {"children": groups}}))
     return inventory
+
+
+@pytest.fixture(scope="module")
+def sentinel_inventory(tmp_path_factory):
+    """An inventory copy whose redis group is a Sentinel group of three: debian12 (the single Redis
+    until then, first in the group: the initial primary), debian13, and a third host started here.
+    debian13 runs Redis 8.0 beside the others' 7.0: a replica of a newer release reads its primary's data."""
+    third = scenario_variables()["e2e_third_redis_name"]
+    start_host(third, 0)
+    redis_group = {"hosts": {FRONT: {}, third: {"ansible_connection": "docker"}}, "vars": {"redis_sentinel": True}}
+    return inventory_with(tmp_path_factory, INVENTORY, "sentinel", {"redis": redis_group})
+
+
+@pytest.fixture(scope="module")
+def cluster_inventories(tmp_path_factory, sentinel_inventory):
+    """Two copies of sentinel_inventory whose rabbitmq group also has debian13 and two Debian 13 hosts
+    started here, each with the management UI on its own address: with debian12 (the single RabbitMQ
+    until then, Debian 12's 3.10.8) as its first node, grown in place; and without it, a new cluster
+    of three on Debian 13's 4.0.5 (blue-green)."""
+    names = scenario_variables()["e2e_rabbitmq_cluster_names"]
+    for name in names:
+        start_host(name, 1)
+    own_address = {"rabbitmq_management_bind": "{{ ansible_facts['default_ipv4']['address'] }}"}
+    new_hosts = {FRONT: own_address, **{name: {"ansible_connection": "docker", **own_address} for name in names}}
+    in_place, blue_green = (
+        inventory_with(tmp_path_factory, sentinel_inventory, name, {"rabbitmq": {"hosts": new_hosts}})
+        for name in ("in-place", "blue-green")
+    )
+    hosts_file = blue_green / "hosts"  # Molecule's, where debian12 is the rabbitmq group
+    hosts = yaml.safe_load(hosts_file.read_text())
+    hosts["all"]["children"]["rabbitmq"]["hosts"] = {}
+    hosts_file.write_text(yaml.safe_dump(hosts))
+    return in_place, blue_green
 
 
 def test_hybrid_mode_with_redis_into_high_availability(backend, front, site, probe_address, sentinel_inventory):
@@ -497,9 +531,7 @@ def test_hybrid_mode_with_redis_into_high_availability(backend, front, site, pro
     hybrid_app = scenario_setting("django_app", "django_app_celery_hybrid_app")
     consumers = {}
     for module in (main_app, hybrid_app):
-        out = backend.check_output(
-            "CELERY_APP_MODULE=%s %s inspect active_queues --json --timeout=5", module, CELERY
-        )
+        out = backend.check_output("CELERY_APP_MODULE=%s %s inspect active_queues --json --timeout=5", module, CELERY)
         consumers[module] = sorted({q["name"] for queues in json.loads(out).values() for q in queues})
     name = "redis -> hybrid, Redis single -> Sentinel group of 3"
     rows.append(result_row(name, switch, during, during_tally, backlog_runs, json.dumps(placement)))
@@ -520,3 +552,63 @@ def test_hybrid_mode_with_redis_into_high_availability(backend, front, site, pro
     assert consumers == {main_app: ["analytics", "celery"], hybrid_app: ["email", "priority"]}
     assert not lost and not twice and not resent
     assert all(n == 1 for n in counts.values()), counts
+
+
+def test_out_of_high_availability_into_a_new_rabbitmq_cluster(backend, front, site, probe_address, cluster_inventories):
+    """From hybrid mode (the Redis Sentinel group, and the single RabbitMQ of debian12, Debian 12's
+    3.10.8) to celery_broker: rabbitmq on a new cluster of three Debian 13 hosts (4.0.5, quorum
+    queues), as docs/upgrade-debian-13.md gives it: every queue is drained, out of the Sentinel group
+    and out of the single node's classic queues. Under the signup load, with backlogs on both old
+    brokers (their workers stopped until the run's workers tier starts them). Growing the single
+    node into the cluster in place is refused first, before any host changes: its classic queues
+    cannot become quorum queues."""
+    in_place, blue_green = cluster_inventories
+    hosts = (backend, front)
+    before = fingerprint(backend, front)
+    refused = playbook("../site.yml", probe_address, "-e", "celery_broker=rabbitmq", inventory=in_place)
+    assert refused.returncode != 0
+    refusal = f"rabbitmq_app_vhost '{scenario_setting('rabbitmq', 'rabbitmq_app_vhost')}' on {BACKEND} holds durable"
+    assert refusal in " ".join(refused.stdout.split()), refused.stdout[-3000:]
+    assert "PLAY [Base tier]" not in refused.stdout, refused.stdout[-3000:]
+    assert fingerprint(backend, front) == before, "a refused switch changed the hosts"
+
+    since = time.time() - 1
+    for host in hosts:
+        host.check_output("systemctl stop celery-worker@default celery-worker@email")
+    backlog = publish(front, "cluster-backlog", BACKLOG)
+    queued = SignupLoad(PROBE, site, "clusterqueued", count=20, rate=5).result()
+    waiting_before = {
+        "analytics on Redis": waiting_on(backend, "redis", "analytics"),
+        "email on RabbitMQ": waiting_on(backend, "rabbitmq", "email"),
+    }
+    load = SignupLoad(PROBE, site, "cluster", rate=SIGNUP_RATE)
+    switch = playbook("../site.yml", probe_address, "-e", "celery_broker=rabbitmq", inventory=blue_green)
+    during = load.result()
+    assert switch.returncode == 0, switch.stdout[-4000:]
+    moved = re.search(r"queues that move: ([\w, ]+)", switch.log)[1].split(", ")
+    mail = settle_mail(backend, during, 240)
+    during_tally = mail_tally(during, mail)
+    queued_tally = mail_tally(queued, settle_mail(backend, queued, 120))
+    backlog_runs = wait_for_task_runs(hosts, backlog, since)
+    cluster = json.loads(front.check_output("rabbitmqctl -q cluster_status --formatter json"))
+    vhost = scenario_setting("rabbitmq", "rabbitmq_app_vhost")
+    listed = front.check_output("rabbitmqctl -q list_queues -p %s name type members --formatter json", vhost)
+    app_queues = {queue["name"]: (queue["type"], len(queue.get("members") or [])) for queue in json.loads(listed)}
+    left = left_on(backend, "redis") + left_on(backend, "rabbitmq")
+
+    name = "hybrid (Sentinel group, single RabbitMQ 3.10) -> rabbitmq, a new cluster of 3 on 4.0"
+    rows.append(result_row(name, switch, during, during_tally, backlog_runs, left))
+    assert waiting_before == {
+        "analytics on Redis": BACKLOG + len(queued["accepted"]),
+        "email on RabbitMQ": len(queued["accepted"]),
+    }
+    assert sorted(moved) == sorted(QUEUES), f"queues drained: {moved}"
+    assert len(cluster["running_nodes"]) == 3, cluster
+    assert {queue: app_queues.get(queue) for queue in QUEUES} == {queue: ("quorum", 3) for queue in QUEUES}
+    assert not during["refused"], f"the web tier refused signups during the switch: {during['refused'][:5]}"
+    for lost, twice, resent, _ in (during_tally, queued_tally):
+        assert not lost and not twice and not resent, f"emails lost {lost[:3]}, twice {twice[:3]}, resent {resent}"
+    assert all(n == 1 for n in backlog_runs.values()), {task: n for task, n in backlog_runs.items() if n != 1}
+    assert left == 0, f"{left} messages left on the old brokers"
+    for host in hosts:
+        assert uses_broker(host, "rabbitmq"), "the app does not use RabbitMQ after the switch"
