@@ -381,11 +381,16 @@ def recorded_primaries():
 def test_converge_after_the_failover_keeps_the_new_primary_and_restarts_only_a_pending_restart(failover):
     """Before any converge, the Sentinels have recorded the new primary in every host's replication
     settings. The converge then changes nothing, and restarts no server but the one an earlier run
-    left a restart pending on (here the old primary, now a replica): that one rejoins."""
+    left a restart pending on (here the old primary, now a replica): that one rejoins. That earlier
+    run also left the primary's running ACLs without the replication user its ACL file names, as a
+    first deployment of the group stopped before its handlers does: the converge loads the file
+    before the restart, and both replicas replicate again."""
     new, old = failover["primary"], failover["old"]
     expected = {name: None if name == new else NODES[new] for name in NODES}
     wait_until(lambda: recorded_primaries() == expected, 30, f"every host's replication settings naming {new}")
     node(old).check_output(f"touch {RESTART_PENDING_FILE}")
+    replication_user = scenario_setting("redis", "redis_replication_user")
+    cli(new, "127.0.0.1", REDIS_PORT, f"ACL DELUSER {replication_user}", user=ADMIN)
     old_pid = main_pid(old)
     playbook = os.path.join(os.path.dirname(__file__), os.pardir, "converge.yml")
     returncode, stdout, _, recap = ansible_playbook(playbook, "--skip-tags", "cbk-base")
@@ -401,6 +406,8 @@ def test_converge_after_the_failover_keeps_the_new_primary_and_restarts_only_a_p
         assert main_pid(name) == pid, f"redis-server restarted on {name}"
     assert main_pid(old) != old_pid, f"the restart left pending on {old} was not done"
     assert replicates_from(old, new), f"{old} did not rejoin as a replica of {new}"
+    for name in set(NODES) - {new}:
+        wait_until(lambda name=name: replicates_from(name, new), 30, f"{name} replicating from {new}")
     assert not any(node(name).file(RESTART_PENDING_FILE).exists for name in NODES)
 
 
