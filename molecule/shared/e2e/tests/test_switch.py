@@ -26,6 +26,7 @@ from cbk_testlib import (
     ansible_env,
     app_env_file,
     broker_entry,
+    docker_host,
     host_variable,
     inventory_args,
     mail_tally,
@@ -215,6 +216,17 @@ def left_on(backend, broker):
     finally:
         if stopped:
             backend.check_output("systemctl stop %s", service)
+
+
+def cluster_queues(front, *columns):
+    """The app vhost's queues on the new RabbitMQ cluster (debian13 and the two hosts the test adds):
+    {name: {column: value}}. Each node lists the queues it leads (--local): the cluster-wide listing
+    timed out there (4.0.5: "Some queue(s) are unresponsive" while list_unresponsive_queues named none)."""
+    vhost = scenario_setting("rabbitmq", "rabbitmq_app_vhost")
+    command = "rabbitmqctl -q list_queues --local -p %s name " + " ".join(columns) + " --formatter json"
+    nodes = [front] + [docker_host(name) for name in scenario_variables()["e2e_rabbitmq_cluster_names"]]
+    listed = [queue for node in nodes for queue in json.loads(node.check_output(command, vhost) or "[]")]
+    return {queue.pop("name"): queue for queue in listed}
 
 
 def test_bad_input_stops_before_any_change(backend, front, probe_address, tmp_path):
@@ -591,9 +603,8 @@ def test_out_of_high_availability_into_a_new_rabbitmq_cluster(backend, front, si
     queued_tally = mail_tally(queued, settle_mail(backend, queued, 120))
     backlog_runs = wait_for_task_runs(hosts, backlog, since)
     cluster = json.loads(front.check_output("rabbitmqctl -q cluster_status --formatter json"))
-    vhost = scenario_setting("rabbitmq", "rabbitmq_app_vhost")
-    listed = front.check_output("rabbitmqctl -q list_queues -p %s name type members --formatter json", vhost)
-    app_queues = {queue["name"]: (queue["type"], len(queue.get("members") or [])) for queue in json.loads(listed)}
+    listed = cluster_queues(front, "type", "members")
+    app_queues = {name: (queue["type"], len(queue["members"] or [])) for name, queue in listed.items()}
     left = left_on(backend, "redis") + left_on(backend, "rabbitmq")
 
     name = "hybrid (Sentinel group, single RabbitMQ 3.10) -> rabbitmq, a new cluster of 3 on 4.0"
@@ -612,3 +623,37 @@ def test_out_of_high_availability_into_a_new_rabbitmq_cluster(backend, front, si
     assert left == 0, f"{left} messages left on the old brokers"
     for host in hosts:
         assert uses_broker(host, "rabbitmq"), "the app does not use RabbitMQ after the switch"
+
+
+def test_back_from_the_cluster_to_the_single_node(backend, front, site, probe_address):
+    """And back, as a blue-green upgrade rolls back: the scenario's own inventory, whose rabbitmq
+    group is debian12 again, with switch_broker.yml. Its node kept running out of the group, with the
+    classic queues the drain emptied; the cluster's quorum queues, a backlog among them (their
+    workers stopped until the run's workers tier starts them), are drained into them, under the
+    signup load."""
+    hosts = (backend, front)
+    since = time.time() - 1
+    for host in hosts:
+        host.check_output("systemctl stop celery-worker@default")
+    backlog = publish(front, "single-backlog", BACKLOG)
+    load = SignupLoad(PROBE, site, "single", rate=SIGNUP_RATE)
+    switch = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq")
+    during = load.result()
+    assert switch.returncode == 0, switch.stdout[-4000:]
+    moved = re.search(r"queues that move: ([\w, ]+)", switch.log)[1].split(", ")
+    tally = mail_tally(during, settle_mail(backend, during, 240))
+    backlog_runs = wait_for_task_runs(hosts, backlog, since)
+    left = sum(queue["messages"] for name, queue in cluster_queues(front, "messages").items() if name in QUEUES)
+    rows.append(
+        result_row("rabbitmq, the cluster of 3 -> back to the single node", switch, during, tally, backlog_runs, left)
+    )
+    assert sorted(moved) == sorted(QUEUES), f"queues drained: {moved}"
+    assert not during["refused"], f"the web tier refused signups during the switch: {during['refused'][:5]}"
+    lost, twice, resent, _ = tally
+    assert not lost and not twice and not resent, f"emails lost {lost[:3]}, twice {twice[:3]}, resent {resent}"
+    assert all(n == 1 for n in backlog_runs.values()), {task: n for task, n in backlog_runs.items() if n != 1}
+    assert left == 0, f"{left} messages left on the cluster"
+    # One node's URL, not a cluster's list (the URL holds a password: not printed).
+    single = f'^CELERY_BROKER_URL="{broker_entry("rabbitmq")["scheme"]}://[^;]*"$'
+    for host in hosts:
+        assert host.run("grep -q %s %s", single, env_file(host)).rc == 0, f"{host} not on the single node"
