@@ -323,6 +323,17 @@ def redis_admin(host, *command):
     return redis_cli(host, *command, user="admin", check=True)
 
 
+def messages_waiting(host, broker, queue):
+    """Messages waiting in one of the app's queues on the broker's host: in RabbitMQ's app vhost;
+    on Redis, every priority step of it (a list each)."""
+    if broker == "rabbitmq":
+        vhost = scenario_setting("rabbitmq", "rabbitmq_app_vhost")
+        listed = host.check_output("rabbitmqctl list_queues -q -p %s name messages", vhost)
+        return sum(int(n) for name, n in (line.split() for line in listed.splitlines()) if name == queue)
+    keys = redis_admin(host, "--scan", "--pattern", f"{queue}*").split()
+    return sum(int(redis_admin(host, "LLEN", key)) for key in keys if redis_admin(host, "TYPE", key) == "list")
+
+
 def e2e_broker(scenario):
     """The broker a full-stack scenario deploys: e2e-rabbitmq RabbitMQ; switch starts on Redis."""
     return "rabbitmq" if scenario == "e2e-rabbitmq" else "redis"

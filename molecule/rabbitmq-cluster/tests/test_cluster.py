@@ -28,6 +28,7 @@ from cbk_testlib import (
     platform_addresses,
     role_defaults,
     role_fqcn,
+    scenario_setting,
     scenario_variables,
     tcp_probe,
     wait_until,
@@ -39,8 +40,8 @@ testinfra_hosts = ["ansible://rabbitmq"]
 NODES = {f"rabbit@{name}": ip for name, ip in platform_addresses().items()}
 CLUSTER_PORTS = (4369, 25672)
 TLS_DIR = role_defaults("rabbitmq", "vars")["rabbitmq__tls_dir"]
-VHOST = "celery"
-DELIVERY_LIMIT = 5  # rabbitmq_app_delivery_limit in molecule.yml
+VHOST = scenario_setting("rabbitmq", "rabbitmq_app_vhost")
+DELIVERY_LIMIT = scenario_setting("rabbitmq", "rabbitmq_app_delivery_limit")
 TASKS, PER_SECOND, STOP_AFTER = 300, 20, 100
 # The management API, which each node serves on its loopback (plain HTTP).
 MANAGEMENT_PORT = broker_port("rabbitmq", "management")

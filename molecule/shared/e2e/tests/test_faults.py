@@ -19,8 +19,10 @@ from cbk_testlib import (
     SignupLoad,
     e2e_broker,
     mail_tally,
+    messages_waiting,
     redis_admin,
     redis_engine,
+    scenario_setting,
     settle_mail,
 )
 
@@ -150,21 +152,12 @@ def test_web_restart_while_publishing(backend, front, site):
     )
 
 
-def queued(backend, queue):
-    """Messages waiting in the queue (every priority step of it on Redis)."""
-    if BROKER == "rabbitmq":
-        listed = backend.check_output("rabbitmqctl list_queues -q -p celery name messages")
-        return sum(int(count) for name, count in (line.split() for line in listed.splitlines()) if name == queue)
-    return sum(
-        int(redis_admin(backend, "LLEN", key))
-        for key in redis_admin(backend, "--scan", "--pattern", f"{queue}*").split()
-    )
-
-
 def purge(backend, queue):
     """Drops every message waiting in the queue."""
     if BROKER == "rabbitmq":
-        backend.check_output("rabbitmqctl purge_queue -q -p celery %s", queue)
+        backend.check_output(
+            "rabbitmqctl purge_queue -q -p %s %s", scenario_setting("rabbitmq", "rabbitmq_app_vhost"), queue
+        )
         return
     for key in redis_admin(backend, "--scan", "--pattern", f"{queue}*").split():
         redis_admin(backend, "DEL", key)
@@ -193,7 +186,7 @@ def test_queued_tasks_survive_the_broker_going_down(backend, front, broker, stop
     try:
         if appendfsync:
             redis_admin(backend, "CONFIG", "SET", "appendfsync", appendfsync)
-        before = queued(backend, "analytics")
+        before = messages_waiting(backend, BROKER, "analytics")
         backend.check_output(
             "%s shell -c %s",
             MANAGE,
@@ -203,7 +196,7 @@ def test_queued_tasks_survive_the_broker_going_down(backend, front, broker, stop
         if stop == "SIGKILL":
             backend.check_output("systemctl kill --signal=SIGKILL %s", BROKER_UNIT)
         backend.check_output("systemctl restart %s", BROKER_UNIT)
-        held = queued(backend, "analytics") - before
+        held = messages_waiting(backend, BROKER, "analytics") - before
     finally:
         if original:
             redis_admin(backend, "CONFIG", "SET", "appendfsync", original)

@@ -30,6 +30,7 @@ from cbk_testlib import (
     host_variable,
     inventory_args,
     mail_tally,
+    messages_waiting,
     overlapping_worker_restarts,
     redis_admin,
     redis_engine,
@@ -193,26 +194,17 @@ def result_row(name, switch, signups, tally, runs, left):
     }
 
 
-def waiting_on(backend, broker, queue):
-    """Messages waiting in the queue on the broker (every priority step of it on Redis)."""
-    if broker == "rabbitmq":
-        listed = backend.check_output("rabbitmqctl list_queues -q -p celery name messages")
-        return sum(int(n) for name, n in (line.split() for line in listed.splitlines()) if name == queue)
-    keys = redis_admin(backend, "--scan", "--pattern", f"{queue}*").split()
-    return sum(int(redis_admin(backend, "LLEN", key)) for key in keys if redis_admin(backend, "TYPE", key) == "list")
-
-
 def left_on(backend, broker):
     """Messages the broker still holds for the app's queues: waiting plus unacknowledged.
     A stopped RabbitMQ (celery_broker_retire=stop) is started to count and stopped again."""
     if broker == "redis":
         unacked = int(redis_admin(backend, "HLEN", "unacked"))
-        return sum(waiting_on(backend, broker, queue) for queue in QUEUES) + unacked
+        return sum(messages_waiting(backend, broker, queue) for queue in QUEUES) + unacked
     service = broker_entry("rabbitmq")["service"]
     stopped = not backend.service(service).is_running
     backend.check_output("systemctl start %s", service)
     try:
-        return sum(waiting_on(backend, broker, queue) for queue in QUEUES)
+        return sum(messages_waiting(backend, broker, queue) for queue in QUEUES)
     finally:
         if stopped:
             backend.check_output("systemctl stop %s", service)
@@ -502,7 +494,7 @@ def test_hybrid_mode_with_redis_into_high_availability(backend, front, site, pro
     for host in hosts:
         host.check_output("systemctl stop celery-worker@default")
     backlog = publish(front, "hybrid-backlog", BACKLOG)
-    waiting_before = waiting_on(backend, "redis", "analytics")
+    waiting_before = messages_waiting(backend, "redis", "analytics")
     load = SignupLoad(PROBE, site, "hybridha", rate=SIGNUP_RATE)
     # site.yml, not switch_broker.yml: the new host needs every tier (base: its certificate).
     switch = playbook("../site.yml", probe_address, "-e", "celery_broker=hybrid", inventory=sentinel_inventory)
@@ -526,10 +518,10 @@ def test_hybrid_mode_with_redis_into_high_availability(backend, front, site, pro
         events = publish(front, "hybrid", 20)
         time.sleep(2)
         placement = {
-            "email on RabbitMQ": waiting_on(backend, "rabbitmq", "email"),
-            "email on Redis": waiting_on(backend, "redis", "email"),
-            "analytics on Redis": waiting_on(backend, "redis", "analytics"),
-            "analytics on RabbitMQ": waiting_on(backend, "rabbitmq", "analytics"),
+            "email on RabbitMQ": messages_waiting(backend, "rabbitmq", "email"),
+            "email on Redis": messages_waiting(backend, "redis", "email"),
+            "analytics on Redis": messages_waiting(backend, "redis", "analytics"),
+            "analytics on RabbitMQ": messages_waiting(backend, "rabbitmq", "analytics"),
         }
     finally:
         for host in hosts:
@@ -590,8 +582,8 @@ def test_out_of_high_availability_into_a_new_rabbitmq_cluster(backend, front, si
     backlog = publish(front, "cluster-backlog", BACKLOG)
     queued = SignupLoad(PROBE, site, "clusterqueued", count=20, rate=5).result()
     waiting_before = {
-        "analytics on Redis": waiting_on(backend, "redis", "analytics"),
-        "email on RabbitMQ": waiting_on(backend, "rabbitmq", "email"),
+        "analytics on Redis": messages_waiting(backend, "redis", "analytics"),
+        "email on RabbitMQ": messages_waiting(backend, "rabbitmq", "email"),
     }
     load = SignupLoad(PROBE, site, "cluster", rate=SIGNUP_RATE)
     switch = playbook("../site.yml", probe_address, "-e", "celery_broker=rabbitmq", inventory=blue_green)
