@@ -1,9 +1,11 @@
 """The broker switch (molecule/switch, after the Redis end-to-end checks): bad input stops
 before any change; Redis -> RabbitMQ and back under a signup load, with tasks scheduled by
 countdown and a backlog on the old broker; then hybrid mode, in the same run as the single Redis
-becomes a Sentinel group of three (into high availability). Each switch is
-playbooks/switch_broker.yml, as an operator runs it. Every accepted signup must get exactly
-one email (one copy), every published task must run exactly once (its id in one
+becomes a Sentinel group of three (into high availability); then each broker onto new Debian 13
+hosts, as docs/upgrade-debian-13.md gives it (Redis: the group onto a single Redis 8.0; RabbitMQ:
+onto a cluster of three on 4.0), and back to the single RabbitMQ node. Each switch is
+playbooks/switch_broker.yml or site.yml, as an operator runs it. Every accepted signup must get
+exactly one email (one copy), every published task must run exactly once (its id in one
 "succeeded" line across the workers' journals), and the old broker must be empty after.
 Figures go to artifacts/switch/results.json and .txt (README.md, "Switching brokers")."""
 
@@ -128,13 +130,20 @@ def env_file(host):
     return app_env_file(host.backend.get_hostname())
 
 
-def uses_broker(host, broker):
-    """Whether the broker URL in the host's app settings is broker's (redis or rabbitmq): its URL
-    scheme (playbooks/vars/brokers.yml), the TLS one exactly where the scenario gives that broker
-    TLS (redis_tls_enabled, rabbitmq_tls_enabled). The URL holds a password: not printed."""
+def uses_broker(host, broker, address='[^"]*'):
+    """Whether the broker URL in the host's app settings is broker's (redis or rabbitmq), at address
+    when given: its URL scheme (playbooks/vars/brokers.yml), the TLS one exactly where the scenario
+    gives that broker TLS (redis_tls_enabled, rabbitmq_tls_enabled). The URL holds a password: only
+    grep's exit code is read."""
     tls = host_variable(BACKEND, f"{broker}_tls_enabled") is True
-    scheme = broker_entry(broker)["tls_scheme" if tls else "scheme"]
-    return host.run("grep -q %s %s", f'^CELERY_BROKER_URL="{scheme}://', env_file(host)).rc == 0
+    url = f'^CELERY_BROKER_URL="{broker_entry(broker)["tls_scheme" if tls else "scheme"]}://[^"@]*@{address}:'
+    return host.run("grep -q %s %s", url, env_file(host)).rc == 0
+
+
+def hybrid_queues(host):
+    """The queues hybrid mode puts on RabbitMQ, as the host's app settings name them (CELERY_HYBRID_QUEUES)."""
+    line = host.check_output("grep ^CELERY_HYBRID_QUEUES= %s", env_file(host))
+    return line.split("=", 1)[1].strip('"').split(",")
 
 
 def fingerprint(backend, front):
@@ -449,6 +458,16 @@ def inventory_with(tmp_path_factory, base, name, groups):
     return inventory
 
 
+def without_molecule_hosts(inventory, group):
+    """The inventory copy with group emptied in Molecule's hosts file (where debian12 is the
+    rabbitmq and redis groups): the group's hosts are then those of the copy's other files."""
+    hosts_file = inventory / "hosts"
+    hosts = yaml.safe_load(hosts_file.read_text())
+    hosts["all"]["children"][group]["hosts"] = {}
+    hosts_file.write_text(yaml.safe_dump(hosts))
+    return inventory
+
+
 @pytest.fixture(scope="module")
 def sentinel_inventory(tmp_path_factory):
     """An inventory copy whose redis group is a Sentinel group of three: debian12 (the single Redis
@@ -461,25 +480,33 @@ def sentinel_inventory(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster_inventories(tmp_path_factory, sentinel_inventory):
-    """Two copies of sentinel_inventory whose rabbitmq group also has debian13 and two Debian 13 hosts
-    started here, each with the management UI on its own address: with debian12 (the single RabbitMQ
-    until then, Debian 12's 3.10.8) as its first node, grown in place; and without it, a new cluster
-    of three on Debian 13's 4.0.5 (blue-green)."""
+def redis_debian13_inventory(tmp_path_factory, sentinel_inventory):
+    """A copy of sentinel_inventory whose redis group is a Debian 13 host started here alone (Redis
+    8.0, no Sentinel): out of Molecule's hosts file (debian12) and out of the Sentinel group's file."""
+    new_redis = scenario_variables()["e2e_rabbitmq_cluster_names"][0]
+    start_host(new_redis, 1)
+    redis_group = {"redis": {"hosts": {new_redis: {"ansible_connection": "docker"}}}}
+    inventory = inventory_with(tmp_path_factory, sentinel_inventory, "debian13-redis", redis_group)
+    (inventory / "sentinel.yml").unlink()  # sentinel_inventory's file
+    return without_molecule_hosts(inventory, "redis")
+
+
+@pytest.fixture(scope="module")
+def cluster_inventories(tmp_path_factory, redis_debian13_inventory):
+    """Two copies of redis_debian13_inventory whose rabbitmq group also has debian13 and two Debian 13
+    hosts (the first of them the new Redis), each with the management UI on its own address: with
+    debian12 (the single RabbitMQ until then, Debian 12's 3.10.8) as its first node, grown in place;
+    and without it, a new cluster of three on Debian 13's 4.0.5 (blue-green)."""
     names = scenario_variables()["e2e_rabbitmq_cluster_names"]
     for name in names:
         start_host(name, 1)
     own_address = {"rabbitmq_management_bind": "{{ ansible_facts['default_ipv4']['address'] }}"}
     new_hosts = {FRONT: own_address, **{name: {"ansible_connection": "docker", **own_address} for name in names}}
     in_place, blue_green = (
-        inventory_with(tmp_path_factory, sentinel_inventory, name, {"rabbitmq": {"hosts": new_hosts}})
+        inventory_with(tmp_path_factory, redis_debian13_inventory, name, {"rabbitmq": {"hosts": new_hosts}})
         for name in ("in-place", "blue-green")
     )
-    hosts_file = blue_green / "hosts"  # Molecule's, where debian12 is the rabbitmq group
-    hosts = yaml.safe_load(hosts_file.read_text())
-    hosts["all"]["children"]["rabbitmq"]["hosts"] = {}
-    hosts_file.write_text(yaml.safe_dump(hosts))
-    return in_place, blue_green
+    return in_place, without_molecule_hosts(blue_green, "rabbitmq")
 
 
 def test_hybrid_mode_with_redis_into_high_availability(backend, front, site, probe_address, sentinel_inventory):
@@ -558,16 +585,56 @@ def test_hybrid_mode_with_redis_into_high_availability(backend, front, site, pro
     assert all(n == 1 for n in counts.values()), counts
 
 
-def test_out_of_high_availability_into_a_new_rabbitmq_cluster(backend, front, site, probe_address, cluster_inventories):
-    """From hybrid mode (the Redis Sentinel group, and the single RabbitMQ of debian12, Debian 12's
+def test_redis_onto_debian_13_out_of_high_availability(backend, front, site, probe_address, redis_debian13_inventory):
+    """Redis onto Debian 13 as docs/upgrade-debian-13.md gives it, in hybrid mode: the redis group
+    becomes a single Redis 8.0 on a new Debian 13 host instead of the Sentinel group of 7.0 (whose
+    replicas could not follow an 8.0 primary). A switch between two Redis URLs on different hosts:
+    the queues on Redis are drained out of the Sentinel group, email and priority stay on RabbitMQ.
+    Under the signup load, with a backlog on the group (the workers of its queue stopped until the
+    run's workers tier starts them). The old group keeps running, out of the inventory."""
+    hosts = (backend, front)
+    new_redis = docker_host(scenario_variables()["e2e_rabbitmq_cluster_names"][0])
+    on_redis = sorted(set(QUEUES) - set(hybrid_queues(front)))
+    since = time.time() - 1
+    for host in hosts:
+        host.check_output("systemctl stop celery-worker@default")
+    backlog = publish(front, "redis13-backlog", BACKLOG)
+    waiting_before = messages_waiting(backend, "redis", "analytics")
+    load = SignupLoad(PROBE, site, "redis13", rate=SIGNUP_RATE)
+    switch = playbook("../site.yml", probe_address, "-e", "celery_broker=hybrid", inventory=redis_debian13_inventory)
+    during = load.result()
+    assert switch.returncode == 0, switch.stdout[-4000:]
+    moved = re.search(r"queues that move: ([\w, ]+)", switch.log)[1].split(", ")
+    tally = mail_tally(during, settle_mail(backend, during, 240))
+    backlog_runs = wait_for_task_runs(hosts, backlog, since)
+    server = redis_admin(new_redis, "INFO", "server")
+    new_address = new_redis.check_output("hostname -I").split()[0]
+    settings = {host.backend.get_hostname(): uses_broker(host, "redis", new_address) for host in hosts}
+    left = left_on(backend, "redis")
+    name = "hybrid: Redis, the Sentinel group of 7.0 -> a single Redis 8.0 on a new Debian 13 host"
+    rows.append(result_row(name, switch, during, tally, backlog_runs, left))
+    assert waiting_before >= BACKLOG, f"{waiting_before} analytics tasks waiting on Redis before the run"
+    assert sorted(moved) == on_redis, f"queues drained: {moved}"
+    assert "redis_version:8." in server, server
+    assert all(settings.values()), f"hosts whose settings name the new Redis: {settings}"
+    assert not during["refused"], f"the web tier refused signups during the switch: {during['refused'][:5]}"
+    lost, twice, resent, _ = tally
+    assert not lost and not twice and not resent, f"emails lost {lost[:3]}, twice {twice[:3]}, resent {resent}"
+    assert all(n == 1 for n in backlog_runs.values()), {task: n for task, n in backlog_runs.items() if n != 1}
+    assert left == 0, f"{left} messages left on the Sentinel group"
+
+
+def test_hybrid_into_a_new_rabbitmq_cluster(backend, front, site, probe_address, cluster_inventories):
+    """From hybrid mode (the Debian 13 Redis above, and the single RabbitMQ of debian12, Debian 12's
     3.10.8) to celery_broker: rabbitmq on a new cluster of three Debian 13 hosts (4.0.5, quorum
-    queues), as docs/upgrade-debian-13.md gives it: every queue is drained, out of the Sentinel group
-    and out of the single node's classic queues. Under the signup load, with backlogs on both old
-    brokers (their workers stopped until the run's workers tier starts them). Growing the single
-    node into the cluster in place is refused first, before any host changes: its classic queues
-    cannot become quorum queues."""
+    queues), as docs/upgrade-debian-13.md gives it: every queue is drained, out of Redis and out of
+    the single node's classic queues. Under the signup load, with backlogs on both old brokers (their
+    workers stopped until the run's workers tier starts them). Growing the single node into the
+    cluster in place is refused first, before any host changes: its classic queues cannot become
+    quorum queues."""
     in_place, blue_green = cluster_inventories
     hosts = (backend, front)
+    old_redis = docker_host(scenario_variables()["e2e_rabbitmq_cluster_names"][0])
     before = fingerprint(backend, front)
     refused = playbook("../site.yml", probe_address, "-e", "celery_broker=rabbitmq", inventory=in_place)
     assert refused.returncode != 0
@@ -582,7 +649,7 @@ def test_out_of_high_availability_into_a_new_rabbitmq_cluster(backend, front, si
     backlog = publish(front, "cluster-backlog", BACKLOG)
     queued = SignupLoad(PROBE, site, "clusterqueued", count=20, rate=5).result()
     waiting_before = {
-        "analytics on Redis": messages_waiting(backend, "redis", "analytics"),
+        "analytics on Redis": messages_waiting(old_redis, "redis", "analytics"),
         "email on RabbitMQ": messages_waiting(backend, "rabbitmq", "email"),
     }
     load = SignupLoad(PROBE, site, "cluster", rate=SIGNUP_RATE)
@@ -597,9 +664,9 @@ def test_out_of_high_availability_into_a_new_rabbitmq_cluster(backend, front, si
     cluster = json.loads(front.check_output("rabbitmqctl -q cluster_status --formatter json"))
     listed = cluster_queues(front, "type", "members")
     app_queues = {name: (queue["type"], len(queue["members"] or [])) for name, queue in listed.items()}
-    left = left_on(backend, "redis") + left_on(backend, "rabbitmq")
+    left = left_on(old_redis, "redis") + left_on(backend, "rabbitmq")
 
-    name = "hybrid (Sentinel group, single RabbitMQ 3.10) -> rabbitmq, a new cluster of 3 on 4.0"
+    name = "hybrid (Redis 8.0 on Debian 13, single RabbitMQ 3.10) -> rabbitmq, a new cluster of 3 on 4.0"
     rows.append(result_row(name, switch, during, during_tally, backlog_runs, left))
     assert waiting_before == {
         "analytics on Redis": BACKLOG + len(queued["accepted"]),
