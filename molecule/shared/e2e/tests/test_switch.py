@@ -203,6 +203,25 @@ def result_row(name, switch, signups, tally, runs, left):
     }
 
 
+def switch_with_backlog(backend, front, site, probe_address, tag, name, *args, inventory=INVENTORY, before=None):
+    """Stops the default workers (analytics, celery) on both hosts and publishes a backlog of BACKLOG
+    analytics tasks from the web host, which waits on its broker until the run's workers tier starts them again;
+    then runs playbooks/<name> under the signup load (tag). Returns the epoch second it began,
+    the backlog, what before() returned just ahead of the run, the run, its signups and the
+    queues its switch check reported moving. Fails when the run fails."""
+    since = time.time() - 1
+    for host in (backend, front):
+        host.check_output("systemctl stop celery-worker@default")
+    backlog = publish(front, f"{tag}-backlog", BACKLOG)
+    waiting = before() if before else None
+    load = SignupLoad(PROBE, site, tag.replace("-", ""), rate=SIGNUP_RATE)
+    switch = playbook(name, probe_address, *args, inventory=inventory)
+    during = load.result()
+    assert switch.returncode == 0, switch.stdout[-4000:]
+    moved = re.search(r"queues that move: ([\w, ]+)", switch.log)[1].split(", ")
+    return since, backlog, waiting, switch, during, moved
+
+
 def left_on(backend, broker):
     """Messages the broker still holds for the app's queues: waiting plus unacknowledged.
     A stopped RabbitMQ (celery_broker_retire=stop) is started to count and stopped again."""
@@ -517,17 +536,19 @@ def test_hybrid_mode_with_redis_into_high_availability(backend, front, site, pro
     priority are drained to RabbitMQ. Under a signup load, with a backlog on Redis through the
     primary's restart: the workers of its queue stay stopped until the run's workers tier starts them."""
     hosts = (backend, front)
-    since = time.time() - 1
-    for host in hosts:
-        host.check_output("systemctl stop celery-worker@default")
-    backlog = publish(front, "hybrid-backlog", BACKLOG)
-    waiting_before = messages_waiting(backend, "redis", "analytics")
-    load = SignupLoad(PROBE, site, "hybridha", rate=SIGNUP_RATE)
     # site.yml, not switch_broker.yml: the new host needs every tier (base: its certificate).
-    switch = playbook("../site.yml", probe_address, "-e", "celery_broker=hybrid", inventory=sentinel_inventory)
-    during = load.result()
-    assert switch.returncode == 0, switch.stdout[-4000:]
-    moved = re.search(r"queues that move: ([\w, ]+)", switch.log)[1].split(", ")
+    since, backlog, waiting_before, switch, during, moved = switch_with_backlog(
+        backend,
+        front,
+        site,
+        probe_address,
+        "hybrid-ha",
+        "../site.yml",
+        "-e",
+        "celery_broker=hybrid",
+        inventory=sentinel_inventory,
+        before=lambda: messages_waiting(backend, "redis", "analytics"),
+    )
     # The single Redis is the group's primary, with both replicas; the app asks the Sentinels.
     replication = redis_admin(backend, "INFO", "replication")
     sentinel_url = f'^CELERY_BROKER_URL="{broker_entry("redis")["sentinel_scheme"]}://'
@@ -595,16 +616,18 @@ def test_redis_onto_debian_13_out_of_high_availability(backend, front, site, pro
     hosts = (backend, front)
     new_redis = docker_host(scenario_variables()["e2e_rabbitmq_cluster_names"][0])
     on_redis = sorted(set(QUEUES) - set(hybrid_queues(front)))
-    since = time.time() - 1
-    for host in hosts:
-        host.check_output("systemctl stop celery-worker@default")
-    backlog = publish(front, "redis13-backlog", BACKLOG)
-    waiting_before = messages_waiting(backend, "redis", "analytics")
-    load = SignupLoad(PROBE, site, "redis13", rate=SIGNUP_RATE)
-    switch = playbook("../site.yml", probe_address, "-e", "celery_broker=hybrid", inventory=redis_debian13_inventory)
-    during = load.result()
-    assert switch.returncode == 0, switch.stdout[-4000:]
-    moved = re.search(r"queues that move: ([\w, ]+)", switch.log)[1].split(", ")
+    since, backlog, waiting_before, switch, during, moved = switch_with_backlog(
+        backend,
+        front,
+        site,
+        probe_address,
+        "redis13",
+        "../site.yml",
+        "-e",
+        "celery_broker=hybrid",
+        inventory=redis_debian13_inventory,
+        before=lambda: messages_waiting(backend, "redis", "analytics"),
+    )
     tally = mail_tally(during, settle_mail(backend, during, 240))
     backlog_runs = wait_for_task_runs(hosts, backlog, since)
     server = redis_admin(new_redis, "INFO", "server")
@@ -691,15 +714,9 @@ def test_back_from_the_cluster_to_the_single_node(backend, front, site, probe_ad
     workers stopped until the run's workers tier starts them), are drained into them, under the
     signup load."""
     hosts = (backend, front)
-    since = time.time() - 1
-    for host in hosts:
-        host.check_output("systemctl stop celery-worker@default")
-    backlog = publish(front, "single-backlog", BACKLOG)
-    load = SignupLoad(PROBE, site, "single", rate=SIGNUP_RATE)
-    switch = playbook("switch_broker.yml", probe_address, "-e", "celery_broker=rabbitmq")
-    during = load.result()
-    assert switch.returncode == 0, switch.stdout[-4000:]
-    moved = re.search(r"queues that move: ([\w, ]+)", switch.log)[1].split(", ")
+    since, backlog, _, switch, during, moved = switch_with_backlog(
+        backend, front, site, probe_address, "single", "switch_broker.yml", "-e", "celery_broker=rabbitmq"
+    )
     tally = mail_tally(during, settle_mail(backend, during, 240))
     backlog_runs = wait_for_task_runs(hosts, backlog, since)
     left = sum(queue["messages"] for name, queue in cluster_queues(front, "messages").items() if name in QUEUES)
