@@ -205,9 +205,9 @@ def result_row(name, switch, signups, tally, runs, left):
 
 def switch_with_backlog(backend, front, site, probe_address, tag, name, *args, inventory=INVENTORY, before=None):
     """Stops the default workers (analytics, celery) on both hosts and publishes a backlog of BACKLOG
-    analytics tasks from the web host, which waits on its broker until the run's workers tier starts them again;
-    then runs playbooks/<name> under the signup load (tag). Returns the epoch second it began,
-    the backlog, what before() returned just ahead of the run, the run, its signups and the
+    analytics tasks from the web host, which waits on its broker until the run's workers tier starts
+    them again; then runs playbooks/<name> under the signup load (tag). Returns the epoch second it
+    began, the backlog, what before() returned just ahead of the run, the run, its signups and the
     queues its switch check reported moving. Fails when the run fails."""
     since = time.time() - 1
     for host in (backend, front):
@@ -477,6 +477,11 @@ def inventory_with(tmp_path_factory, base, name, groups):
     return inventory
 
 
+def debian13_redis_name():
+    """The Debian 13 host Redis moves onto (redis_debian13_inventory), the RabbitMQ cluster's second node after."""
+    return scenario_variables()["e2e_rabbitmq_cluster_names"][0]
+
+
 def without_molecule_hosts(inventory, group):
     """The inventory copy with group emptied in Molecule's hosts file (where debian12 is the
     rabbitmq and redis groups): the group's hosts are then those of the copy's other files."""
@@ -502,7 +507,7 @@ def sentinel_inventory(tmp_path_factory):
 def redis_debian13_inventory(tmp_path_factory, sentinel_inventory):
     """A copy of sentinel_inventory whose redis group is a Debian 13 host started here alone (Redis
     8.0, no Sentinel): out of Molecule's hosts file (debian12) and out of the Sentinel group's file."""
-    new_redis = scenario_variables()["e2e_rabbitmq_cluster_names"][0]
+    new_redis = debian13_redis_name()
     start_host(new_redis, 1)
     redis_group = {"redis": {"hosts": {new_redis: {"ansible_connection": "docker"}}}}
     inventory = inventory_with(tmp_path_factory, sentinel_inventory, "debian13-redis", redis_group)
@@ -614,7 +619,7 @@ def test_redis_onto_debian_13_out_of_high_availability(backend, front, site, pro
     Under the signup load, with a backlog on the group (the workers of its queue stopped until the
     run's workers tier starts them). The old group keeps running, out of the inventory."""
     hosts = (backend, front)
-    new_redis = docker_host(scenario_variables()["e2e_rabbitmq_cluster_names"][0])
+    new_redis = docker_host(debian13_redis_name())
     on_redis = sorted(set(QUEUES) - set(hybrid_queues(front)))
     since, backlog, waiting_before, switch, during, moved = switch_with_backlog(
         backend,
@@ -657,7 +662,7 @@ def test_hybrid_into_a_new_rabbitmq_cluster(backend, front, site, probe_address,
     quorum queues."""
     in_place, blue_green = cluster_inventories
     hosts = (backend, front)
-    old_redis = docker_host(scenario_variables()["e2e_rabbitmq_cluster_names"][0])
+    old_redis = docker_host(debian13_redis_name())
     before = fingerprint(backend, front)
     refused = playbook("../site.yml", probe_address, "-e", "celery_broker=rabbitmq", inventory=in_place)
     assert refused.returncode != 0
